@@ -1,0 +1,104 @@
+"""The backend registry: which backends exist, which work here, and why not.
+
+Backends are imported lazily: importing qlinear never imports wgpu or cuda-python.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Optional
+
+from ..errors import BackendUnavailable, InvalidProblem
+from .base import Backend, Kernel, PrecisionGuarantee
+
+__all__ = ["Backend", "Kernel", "PrecisionGuarantee", "backend", "backend_names",
+           "register_backend", "BackendStatus", "backend_status"]
+
+# name -> (module, what to install). Order is preference order for ql.backend().
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "cuda": ("qlinear.backends.cuda", "pip install 'qlinear[cuda]' and an NVIDIA driver"),
+    "wgpu": ("qlinear.backends.wgpu",
+             "pip install wgpu; on Linux without a GPU: apt-get install mesa-vulkan-drivers libvulkan1"),
+    "cpu": ("qlinear.backends.cpu", ""),
+}
+_instances: dict[str, Backend] = {}
+_failures: dict[str, BackendUnavailable] = {}
+
+
+def register_backend(name: str, module: str, install: str = "") -> None:
+    """Register a backend: ``module`` defines ``create() -> Backend``."""
+    _REGISTRY[name] = (module, install)
+    _instances.pop(name, None)
+    _failures.pop(name, None)
+
+
+def backend_names() -> list[str]:
+    """Every registered backend name, available or not, in preference order."""
+    return list(_REGISTRY)
+
+
+def _create(name: str) -> Backend:
+    if name in _instances:
+        return _instances[name]
+    if name in _failures:
+        raise _failures[name]
+    module, install = _REGISTRY[name]
+    try:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:
+                raise BackendUnavailable(name, "not implemented in this version of qlinear") from None
+            raise BackendUnavailable(name, f"cannot import {e.name!r}", install) from e
+        be = mod.create()
+    except BackendUnavailable as e:
+        if not e.install and install:
+            e = BackendUnavailable(e.backend, e.reason, install)
+        _failures[name] = e
+        raise e
+    _instances[name] = be
+    return be
+
+
+def backend(name: Optional[str] = None) -> Backend:
+    """Return a backend: ``name`` (``"cpu"``, ``"wgpu"``, ``"cuda"``), or the best one
+    available (cuda, then wgpu on a real GPU, then cpu) when ``name`` is None.
+
+    Raises :class:`BackendUnavailable` with the reason and what to install."""
+    if isinstance(name, Backend):
+        return name
+    if name is None:
+        for candidate in _REGISTRY:
+            try:
+                be = _create(candidate)
+            except BackendUnavailable:
+                continue
+            if be.is_gpu or candidate == "cpu":
+                return be
+        return _create("cpu")
+    if name not in _REGISTRY:
+        raise InvalidProblem(f"backend: expected one of {backend_names()}, got {name!r}")
+    return _create(name)
+
+
+@dataclass
+class BackendStatus:
+    """Whether a backend works here: ``backend`` when it does, ``reason``/``install`` when not."""
+
+    name: str
+    available: bool
+    backend: Optional[Backend] = None
+    reason: str = ""
+    install: str = ""
+
+
+def backend_status() -> list[BackendStatus]:
+    """The status of every registered backend."""
+    out = []
+    for name in _REGISTRY:
+        try:
+            out.append(BackendStatus(name, True, _create(name)))
+        except BackendUnavailable as e:
+            out.append(BackendStatus(name, False, None, e.reason, e.install))
+    return out

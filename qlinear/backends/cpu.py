@@ -1,0 +1,265 @@
+"""The cpu backend: numpy, exact, and the readable statement of the semantics.
+
+The five steps of the numerical contract, for ``x[M, K]`` of TIn:
+
+1. ``amax[m] = max_k |x[m, k]|`` in the compute type C (f32; f64 when TIn is f64);
+2. ``scale[m] = amax[m] / q_max`` in C, stored rounded to TIn; 1 for all-zero rows and
+   for rows whose scale underflows to 0 in TIn; NaN for rows holding NaN or Inf;
+3. ``q[m, k] = clamp(round_half_to_even(x[m, k] / scale[m]), q_min, q_max)`` with the
+   stored scale (0 in underflowed and non-finite rows);
+4. ``acc[m, n] = sum_k q[m, k] * weight_q[n, k]``, exact;
+5. ``y[m, n] = ((C(acc) * C(scale[m])) * C(weight_scale[n])) (+ C(bias[n]))``, rounded once to TIn.
+
+Step 4 runs on float32 BLAS over K-chunks of at most ``_chunk(...)`` columns: every
+product is an integer of magnitude <= 128*128 and every partial sum of a chunk stays
+an integer of magnitude <= 2**24, so float32 holds it exactly in any summation order;
+the chunks are summed exactly in float64. M is processed in blocks so that the
+temporaries stay bounded.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..dtypes import DType, as_dtype, f64
+from ..errors import InvalidProblem
+from ..tensors import Tensor
+from .base import Backend, Kernel, PrecisionGuarantee
+
+__all__ = ["CpuBackend", "create", "quantize_rows", "int_matmul", "dequantize"]
+
+_F32_EXACT = 2**24
+# Temporaries per M-block (q as float, acc as float64) stay under this many bytes.
+_BLOCK_BYTES = 64 << 20
+
+
+def _compute_type(dtype: DType) -> np.dtype:
+    return np.dtype(np.float64) if dtype == f64 else np.dtype(np.float32)
+
+
+def _chunk(q_min: int, q_max: int) -> int:
+    """Largest K-chunk whose partial sums stay exact integers in float32."""
+    return _F32_EXACT // (max(-q_min, q_max) * 128)
+
+
+def quantize_rows(x: np.ndarray, dtype: DType, q_min: int, q_max: int):
+    """The activation pass (steps 1-3) for ``x[M, K]`` of ``dtype``.
+
+    Returns ``(q, scale)``: ``q[M, K]`` as the compute type holding integers in
+    ``q_min..q_max`` and ``scale[M]`` of ``dtype`` (the stored scale)."""
+    ct = _compute_type(dtype)
+    xc = x.astype(ct, copy=False)
+    m, k = xc.shape
+    if k == 0:
+        return np.zeros((m, 0), ct), np.ones(m, dtype.numpy)
+    # max(max, -min) is max|x| without an |x| temporary; NaN propagates through both.
+    amax = np.maximum(xc.max(axis=1), -xc.min(axis=1))
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+        scale = (amax / ct.type(q_max)).astype(dtype.numpy)
+        divisor = scale.astype(ct)
+        # Rows whose stored scale is 0 (all-zero, or underflowed in TIn), NaN or Inf.
+        special = not (divisor.min() > 0 and divisor.max() < np.inf)
+        if special:
+            zero = divisor == 0
+            finite = np.isfinite(divisor)
+            scale[zero] = 1
+            scale[~finite] = np.nan
+            divisor[zero | ~finite] = 1
+        q = xc / divisor[:, None]
+        np.rint(q, out=q)
+        # |x| <= amax and division and rint are monotonic, so rint(amax / scale) bounds |q|:
+        # clamping is needed only where that bound leaves the range.
+        if special or np.rint(amax / divisor).max() > min(q_max, -q_min):
+            np.clip(q, q_min, q_max, out=q)
+        if special:
+            q[zero | ~finite] = 0
+    return q, scale
+
+
+def int_matmul(q: np.ndarray, w_t: np.ndarray, chunk: int) -> np.ndarray:
+    """Exact ``acc[M, N] = q[M, K] @ w_t[K, N]`` for integer-valued float arrays.
+
+    Returns the accumulator as the float type of ``q`` when one chunk covers K (every
+    value is then exact), else as float64 (chunk sums are exact, and so is their sum)."""
+    k = q.shape[1]
+    if q.dtype == np.float64 or k <= chunk:
+        return q @ w_t
+    acc = np.zeros((q.shape[0], w_t.shape[1]), np.float64)
+    for k0 in range(0, k, chunk):
+        acc += q[:, k0:k0 + chunk] @ w_t[k0:k0 + chunk]
+    return acc
+
+
+def dequantize(acc: np.ndarray, scale: np.ndarray, weight_scale: np.ndarray, bias, out: np.ndarray):
+    """Step 5: ``out[M, N] = ((C(acc) * C(scale)) * C(weight_scale)) (+ C(bias))``, one rounding.
+
+    ``acc`` is a temporary and is overwritten."""
+    ct = np.dtype(np.float64) if out.dtype == np.float64 else np.dtype(np.float32)
+    y = acc.astype(ct, copy=False)  # float64 -> C rounds to nearest even, as f32(int32) does
+    y *= scale.astype(ct, copy=False)[:, None]
+    if bias is None:
+        _store(np.multiply, y, weight_scale.astype(ct, copy=False), out)
+    else:
+        y *= weight_scale.astype(ct, copy=False)
+        _store(np.add, y, bias.astype(ct, copy=False), out)
+
+
+def _store(op, y: np.ndarray, operand: np.ndarray, out: np.ndarray) -> None:
+    """``out[...] = op(y, operand)`` rounded once to out's type; no temporary when it is y's."""
+    if out.dtype == y.dtype:
+        op(y, operand, out=out)
+    else:
+        op(y, operand, out=y)
+        out[...] = y
+
+
+def _block_rows(m: int, k: int, n: int) -> int:
+    return max(1, min(m, _BLOCK_BYTES // max(1, 8 * (k + n))))
+
+
+class _QuantizeKernel(Kernel):
+    precision_guarantee = PrecisionGuarantee(note="the reference: exact division, round half to even")
+
+    def __init__(self, desc):
+        self.desc = desc
+        self.sku = "cpu.rowquant"
+
+    def run(self, t, stream=None):
+        d = self.desc
+        x, act_q, act_scale = t["activation"].handle, t["act_q"].handle, t["act_scale"].handle
+        step = _block_rows(d.m, d.k, 0)
+        with np.errstate(invalid="ignore"):
+            for m0 in range(0, d.m, step):
+                q, scale = quantize_rows(x[m0:m0 + step], d.dtype, d.q_min, d.q_max)
+                act_q[m0:m0 + step] = q
+                act_scale[m0:m0 + step] = scale
+
+
+class _LinearKernel(Kernel):
+    precision_guarantee = PrecisionGuarantee(
+        note="the reference: exact division, round half to even, exact int32 via float BLAS chunks")
+
+    def __init__(self, desc):
+        self.desc = desc
+        self.chunk = _chunk(desc.q_min, desc.q_max)
+        ct = _compute_type(desc.dtype)
+        self.sku = (f"cpu.rowquant+blas_{'f64' if ct == np.float64 else 'f32'}"
+                    f"_kchunk{self.chunk}+dequant")
+
+    def _weight(self, wt: Tensor) -> np.ndarray:
+        """``weight_q.T`` as the compute type, ``[K, N]`` contiguous; kept on read-only tensors."""
+        ct = _compute_type(self.desc.dtype)
+        key = ("w_t", ct.name)
+        w_t = wt.cache.get(key)
+        if w_t is None:
+            w_t = np.ascontiguousarray(wt.handle.T, dtype=ct)
+            if wt.readonly:
+                wt.cache[key] = w_t
+        return w_t
+
+    def run(self, t, stream=None):
+        d = self.desc
+        x, out = t["activation"].handle, t["output"].handle
+        act_q, act_scale = t["act_q_scratch"].handle, t["act_scale_scratch"].handle
+        w_t = self._weight(t["weight_q"])
+        ws = t["weight_scale"].handle
+        bias = None if t["bias"] is None else t["bias"].handle
+        step = _block_rows(d.m, d.k, d.c_out)
+        with np.errstate(invalid="ignore", over="ignore"):
+            for m0 in range(0, d.m, step):
+                rows = slice(m0, m0 + step)
+                q, scale = quantize_rows(x[rows], d.dtype, d.q_min, d.q_max)
+                act_q[rows] = q
+                act_scale[rows] = scale
+                acc = int_matmul(q, w_t, self.chunk)
+                dequantize(acc, scale, ws, bias, out[rows])
+
+
+class CpuBackend(Backend):
+    """numpy on the host. Tensors are numpy arrays; plain arrays are accepted as arguments."""
+
+    name = "cpu"
+    device_id = "cpu"
+    is_gpu = False
+
+    @property
+    def device_name(self) -> str:
+        """The host, with its core count."""
+        return f"host CPU ({os.cpu_count()} cores, numpy {np.__version__})"
+
+    def _tensor(self, arr: np.ndarray, dtype: DType, readonly=False) -> Tensor:
+        item = arr.itemsize
+        strides = tuple(s // item if s % item == 0 else s / item for s in arr.strides)
+        return Tensor("cpu", "cpu", arr.shape, dtype, strides, arr, "host",
+                      arr.__array_interface__["data"][0], readonly=readonly)
+
+    def empty(self, shape, dtype):
+        """A new uninitialised host tensor."""
+        dtype = as_dtype(dtype)
+        return self._tensor(np.empty(tuple(shape), dtype.numpy), dtype)
+
+    def from_numpy(self, array, *, readonly=False):
+        """A host tensor holding a copy of ``array`` (read-only if ``readonly``)."""
+        arr = np.array(array, copy=True, order="C")
+        dtype = as_dtype(arr.dtype, name="array")
+        if readonly:
+            arr.flags.writeable = False
+        return self._tensor(arr, dtype, readonly)
+
+    def to_numpy(self, tensor):
+        """A copy of the tensor's array."""
+        return np.array(self.wrap(tensor).handle, copy=True)
+
+    def wrap(self, obj, *, name="tensor"):
+        """A cpu Tensor for a numpy array (no copy) or an existing Tensor."""
+        if isinstance(obj, Tensor):
+            return obj
+        if not isinstance(obj, np.ndarray):
+            raise InvalidProblem(
+                f"{name}: expected a numpy array or a qlinear cpu tensor, got {type(obj).__name__}")
+        try:
+            dtype = as_dtype(obj.dtype)
+        except InvalidProblem:
+            raise InvalidProblem(
+                f"{name}: expected dtype f32, f16, bf16, f64 or s8, got {obj.dtype}") from None
+        return self._tensor(obj, dtype, not obj.flags.writeable)
+
+    def narrow(self, tensor, rows):
+        """The first ``rows`` rows of ``tensor``."""
+        return self._tensor(tensor.handle[:rows], tensor.dtype, tensor.readonly)
+
+    def linear_kernel(self, desc):
+        """The cpu linear kernel: rowquant, exact chunked BLAS, dequant."""
+        return _LinearKernel(desc)
+
+    def quantize_kernel(self, desc):
+        """The cpu activation-pass kernel."""
+        return _QuantizeKernel(desc)
+
+    def info(self):
+        """Host facts and kernel choices."""
+        import numpy as _np
+
+        blas = "unknown"
+        try:
+            cfg = _np.show_config(mode="dicts")
+            blas = cfg["Build Dependencies"]["blas"]["name"]
+        except Exception:
+            pass
+        return {"device": self.device_name, "blas": blas,
+                "kernels": {"linear": "rowquant + float32 BLAS over K-chunks of <= 1024 + dequant"}}
+
+    def float_matmul(self, m, k, n, dtype):
+        """numpy.matmul of ``dtype`` (f16/bf16 run in float32, as numpy would be used)."""
+        ct = _compute_type(as_dtype(dtype))
+        rng = np.random.default_rng(0)
+        a = rng.standard_normal((m, k)).astype(ct)
+        b = rng.standard_normal((k, n)).astype(ct)
+        return lambda: np.matmul(a, b)
+
+
+def create() -> CpuBackend:
+    """The cpu backend (always available)."""
+    return CpuBackend()

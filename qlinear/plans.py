@@ -1,0 +1,124 @@
+"""Plans: a descriptor bound to a backend's kernel, checked arguments, then run.
+
+The shape follows CUTLASS's Python interface: select a plan for a problem, ask
+whether it can implement a set of arguments (and why not), its workspace size
+(always 0: scratch is caller-owned), then run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import validate
+from .backends import Backend, PrecisionGuarantee, backend as get_backend
+from .errors import InvalidProblem
+from .problem import (
+    DynamicRangeQuantizeArgs,
+    DynamicRangeQuantizeDescriptor,
+    QuantizedLinearArgs,
+    QuantizedLinearDescriptor,
+)
+
+__all__ = ["QuantizedLinearPlan", "DynamicRangeQuantizePlan"]
+
+
+class _Plan:
+    _descriptor_type: type = object
+    _check = None
+
+    def __init__(self, backend: Backend, descriptor, kernel):
+        self.backend = backend
+        self.descriptor = descriptor
+        self._kernel = kernel
+
+    @classmethod
+    def select(cls, backend, descriptor):
+        """Choose and prepare (compile, cache) the kernel for ``descriptor`` on ``backend``
+        (a :class:`Backend`, a backend name, or None for the best available).
+
+        Raises :class:`InvalidProblem` for a malformed descriptor and :class:`Unsupported`
+        when the backend cannot run it."""
+        if not isinstance(descriptor, cls._descriptor_type):
+            raise InvalidProblem(
+                f"descriptor: expected {cls._descriptor_type.__name__}, "
+                f"got {type(descriptor).__name__}")
+        be = get_backend(backend)
+        return cls(be, descriptor, cls._make_kernel(be, descriptor))
+
+    @property
+    def sku(self) -> str:
+        """Which kernel(s) this plan runs, e.g. ``"cpu.blas_f32_chunk1024"``."""
+        return self._kernel.sku
+
+    @property
+    def precision_guarantee(self) -> PrecisionGuarantee:
+        """What the plan promises about its numbers (bit identity, determinism, subnormals)."""
+        return self._kernel.precision_guarantee
+
+    def workspace_size(self) -> int:
+        """Bytes of workspace the plan needs beyond the arguments: always 0, since the
+        scratch tensors are part of the arguments and owned by the caller."""
+        return 0
+
+    def can_implement(self, args) -> bool:
+        """Return True if ``args`` fit this plan; otherwise raise :class:`InvalidProblem`
+        naming the argument, what was expected and what was given."""
+        type(self)._check(self.backend, self.descriptor, args)
+        return True
+
+    def run(self, args, stream: Any = None) -> None:
+        """Validate ``args`` and run. Asynchronous on GPU backends: the results are ready
+        after ``backend.synchronize(stream)`` or ``backend.to_numpy``. On any error
+        nothing the caller owns has been written."""
+        tensors = type(self)._check(self.backend, self.descriptor, args)
+        if self._is_empty():
+            return
+        self._kernel.run(tensors, stream)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.descriptor} sku={self.sku!r}>"
+
+
+class QuantizedLinearPlan(_Plan):
+    """A plan for :class:`QuantizedLinearDescriptor`: activation pass, int8 GEMM with
+    exact int32 accumulation, dequantization (+ bias) to TIn.
+
+    Example::
+
+        plan = QuantizedLinearPlan.select(ql.backend("cpu"), desc)
+        plan.run(QuantizedLinearArgs(activation=x, weight_q=wq, weight_scale=ws, output=y,
+                                     act_q_scratch=xq, act_scale_scratch=xs))
+    """
+
+    _descriptor_type = QuantizedLinearDescriptor
+    _check = staticmethod(validate.linear_args)
+
+    @staticmethod
+    def _make_kernel(be: Backend, desc):
+        return be.linear_kernel(desc)
+
+    def _is_empty(self) -> bool:
+        return self.descriptor.m == 0 or self.descriptor.c_out == 0
+
+    def args_type(self):
+        """The argument bundle type this plan takes (:class:`QuantizedLinearArgs`)."""
+        return QuantizedLinearArgs
+
+
+class DynamicRangeQuantizePlan(_Plan):
+    """A plan for the activation pass alone (:class:`DynamicRangeQuantizeDescriptor`):
+    per-row amax, scale, round half to even, clamp to ``q_min..q_max``."""
+
+    _descriptor_type = DynamicRangeQuantizeDescriptor
+    _check = staticmethod(validate.quantize_args)
+
+    @staticmethod
+    def _make_kernel(be: Backend, desc):
+        return be.quantize_kernel(desc)
+
+    def _is_empty(self) -> bool:
+        return self.descriptor.m == 0
+
+    def args_type(self):
+        """The argument bundle type this plan takes (:class:`DynamicRangeQuantizeArgs`)."""
+        return DynamicRangeQuantizeArgs
