@@ -69,7 +69,10 @@ class _Plan:
     def run(self, args, stream: Any = None) -> None:
         """Validate ``args`` and run. Asynchronous on GPU backends: the results are ready
         after ``backend.synchronize(stream)`` or ``backend.to_numpy``. On any error
-        nothing the caller owns has been written."""
+        nothing the caller owns has been written.
+
+        Empty problems are valid: with M = 0 (or C_out = 0 for the linear plan) nothing is
+        computed or written; with K = 0 every row has scale 1 and ``y = bias`` (or 0)."""
         tensors = type(self)._check(self.backend, self.descriptor, args)
         if self._is_empty():
             return

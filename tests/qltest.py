@@ -1,0 +1,144 @@
+"""Test helpers: the independent int64 oracle, random data, poisoning, bitwise comparison.
+
+The oracle restates the numerical contract from DESIGN.md with int64 integer
+arithmetic; it shares no code with any backend.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import qlinear as ql
+
+POISON = 31337.0
+
+
+def compute_type(dtype):
+    return np.float64 if dtype == ql.f64 else np.float32
+
+
+def oracle_quantize(x, dtype, q_min=-127, q_max=127):
+    """(q int64 [M, K], scale [M] of dtype) per the contract, row by row."""
+    ct = compute_type(dtype)
+    m, k = x.shape
+    q = np.zeros((m, k), np.int64)
+    scale = np.empty(m, dtype.numpy)
+    for r in range(m):
+        row = x[r].astype(ct)
+        amax = ct(np.max(np.abs(row))) if k else ct(0)
+        if not np.isfinite(amax):
+            scale[r] = np.nan
+            continue
+        stored = (np.array([amax], ct) / ct(q_max)).astype(dtype.numpy)[0]
+        if stored == 0:
+            scale[r] = 1
+            continue
+        scale[r] = stored
+        with np.errstate(over="ignore"):
+            v = np.rint(row / ct(stored))
+        q[r] = np.clip(v, q_min, q_max).astype(np.int64)
+    return q, scale
+
+
+def oracle_linear(x, wq, ws, bias, dtype, q_min=-127, q_max=127):
+    """(y [M, N] of dtype, q, scale): exact int64 accumulation, one rounding."""
+    q, scale = oracle_quantize(x, dtype, q_min, q_max)
+    acc = q @ wq.astype(np.int64).T
+    assert np.all(np.abs(acc) < 2**31), "oracle: accumulation left int32"
+    ct = compute_type(dtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        y = (acc.astype(ct) * scale.astype(ct)[:, None]) * ws.astype(ct)[None, :]
+        if bias is not None:
+            y = y + bias.astype(ct)[None, :]
+        y = y.astype(dtype.numpy)  # may overflow to +-inf in f16, as rounding once does
+    return y, q, scale
+
+
+def random_activation(rng, m, k, dtype, spread=True):
+    """Fresh non-zero random data with per-row magnitudes spread over decades."""
+    x = rng.standard_normal((m, k))
+    if spread and m:
+        x *= 10.0 ** rng.uniform(-2, 2, size=(m, 1))
+    x[x == 0] = 0.5
+    return x.astype(dtype.numpy)
+
+
+def random_weight(rng, n, k):
+    w = rng.integers(-128, 128, size=(n, k), dtype=np.int8)
+    w[w == 0] = 1
+    return w
+
+
+def random_scale(rng, n, dtype):
+    return (rng.uniform(0.5, 2.0, n) * 10.0 ** rng.uniform(-3, -1, n)).astype(dtype.numpy)
+
+
+def poisoned(be, shape, dtype, rng):
+    """A backend tensor full of garbage (POISON for floats, random bytes for s8)."""
+    if dtype == ql.s8:
+        arr = rng.integers(-128, 128, size=shape, dtype=np.int8)
+    else:
+        arr = np.full(shape, POISON, dtype.numpy)
+    return be.from_numpy(arr)
+
+
+def bits(a):
+    a = np.ascontiguousarray(a)
+    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+def assert_bitwise_equal(got, want, what):
+    """Every element equal bit for bit; NaNs only need to be NaN where expected."""
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    if got.dtype.kind == "f" or got.dtype == ql.bf16.numpy:
+        gn = np.isnan(got.astype(np.float64))
+        wn = np.isnan(want.astype(np.float64))
+        bad = gn != wn
+        bad |= (~wn) & (bits(got) != bits(want))
+    else:
+        bad = got != want
+    if bad.any():
+        idx = np.argwhere(bad)
+        first = tuple(idx[0])
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.size} elements differ; first at {first}: "
+            f"got {got[first]!r}, want {want[first]!r}")
+
+
+def select_or_skip(plan_cls, be, desc):
+    """Select a plan; a dtype the backend does not offer is a skip with the reason."""
+    try:
+        return plan_cls.select(be, desc)
+    except ql.Unsupported as e:
+        pytest.skip(f"{be.name}: {e}")
+
+
+def run_linear(be, x, wq, ws, bias, dtype, q_min=-127, q_max=127, rng=None):
+    """Run a poisoned linear problem on ``be``; return (y, act_q, act_scale, plan)."""
+    rng = rng or np.random.default_rng()
+    m, k = x.shape
+    n = wq.shape[0]
+    desc = ql.QuantizedLinearDescriptor(m=m, c_out=n, k=k, dtype=dtype, q_min=q_min, q_max=q_max)
+    plan = select_or_skip(ql.QuantizedLinearPlan, be, desc)
+    args = ql.QuantizedLinearArgs(
+        activation=be.from_numpy(x), weight_q=be.from_numpy(wq), weight_scale=be.from_numpy(ws),
+        output=poisoned(be, (m, n), dtype, rng),
+        act_q_scratch=poisoned(be, (m, k), ql.s8, rng),
+        act_scale_scratch=poisoned(be, (m,), dtype, rng),
+        bias=None if bias is None else be.from_numpy(bias))
+    assert plan.can_implement(args)
+    plan.run(args)
+    return (be.to_numpy(args.output), be.to_numpy(args.act_q_scratch),
+            be.to_numpy(args.act_scale_scratch), plan)
+
+
+def check_linear(be, x, wq, ws, bias, dtype, q_min=-127, q_max=127, rng=None):
+    """Run on ``be`` and compare output and both scratches with the oracle, bit for bit."""
+    y, aq, asc, plan = run_linear(be, x, wq, ws, bias, dtype, q_min, q_max, rng)
+    want_y, want_q, want_s = oracle_linear(x, wq, ws, bias, dtype, q_min, q_max)
+    if wq.shape[0]:  # with C_out = 0 the run is a no-op: the scratches are not computed
+        assert_bitwise_equal(asc, want_s, f"act_scale_scratch [{plan.sku}]")
+        assert_bitwise_equal(aq.astype(np.int64), want_q, f"act_q_scratch [{plan.sku}]")
+    assert_bitwise_equal(y, want_y, f"output [{plan.sku}]")
+    return y
