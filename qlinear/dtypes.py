@@ -63,7 +63,7 @@ def as_dtype(value, *, name: str = "dtype") -> DType:
         if value in _ALIASES:
             return _ALIASES[value]
     try:
-        npd = np.dtype(value)
+        npd = None if value is None else np.dtype(value)  # np.dtype(None) is float64
     except Exception:
         npd = None
     if npd is not None:

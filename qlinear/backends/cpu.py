@@ -249,7 +249,8 @@ class CpuBackend(Backend):
         except Exception:
             pass
         return {"device": self.device_name, "blas": blas,
-                "kernels": {"linear": "rowquant + float32 BLAS over K-chunks of <= 1024 + dequant"}}
+                "kernels": {"linear": "rowquant + float32 BLAS over K-chunks of <= 2**24 // (max|q| * 128) "
+                            "columns (1032 for -127..127) + dequant"}}
 
     def float_matmul(self, m, k, n, dtype):
         """numpy.matmul of ``dtype`` (f16/bf16 run in float32, as numpy would be used)."""
