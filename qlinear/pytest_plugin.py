@@ -12,7 +12,7 @@ import pytest
 from .backends import backend as _get_backend, backend_names
 from .errors import BackendUnavailable
 
-__all__ = ["pytest_addoption", "pytest_generate_tests", "qlinear_backend"]
+__all__ = ["pytest_addoption", "pytest_configure", "pytest_generate_tests", "qlinear_backend"]
 
 
 def pytest_addoption(parser):
@@ -30,6 +30,11 @@ def _selected(config) -> list[str]:
         raise pytest.UsageError(
             f"--qlinear-backend: expected one of {backend_names()}, got {unknown}")
     return names
+
+
+def pytest_configure(config):
+    """Refuse an unknown ``--qlinear-backend`` before collection."""
+    _selected(config)
 
 
 def pytest_generate_tests(metafunc):

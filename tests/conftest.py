@@ -21,3 +21,5 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                            HealthCheck.function_scoped_fixture])
 settings.load_profile(os.environ.get("QLINEAR_HYPOTHESIS_PROFILE", "ci"))
+
+pytest_plugins = list(globals().get("pytest_plugins", [])) + ["pytester"]

@@ -1,0 +1,96 @@
+"""The wheel: built from the tree, installed into a fresh venv, imported and run there."""
+
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _sh(cmd, **kw):
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)
+    assert r.returncode == 0, f"{cmd} failed:\n{r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """(python of a fresh venv holding the wheel, a working directory outside the tree)."""
+    pytest.importorskip("hatchling", reason="building the wheel needs hatchling (test extra)")
+    tmp = tmp_path_factory.mktemp("wheel")
+    _sh([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp / "dist"), str(ROOT)])
+    wheels = list((tmp / "dist").glob("qlinear-*.whl"))
+    assert len(wheels) == 1
+    venv = tmp / "venv"
+    _sh([sys.executable, "-m", "venv", str(venv)])
+    py = venv / "bin" / "python"
+    _sh([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheels[0])])
+    # The dependencies (numpy, ml_dtypes, wgpu) come from this environment, offline; the
+    # wheel's own qlinear comes first on the path.
+    site = _sh([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip()
+    Path(site, "zz_parent_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    work = tmp / "elsewhere"
+    work.mkdir()
+    return py, work
+
+
+def _clean_env():
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def test_wheel_imports_from_the_venv(installed):
+    py, work = installed
+    out = _sh([str(py), "-c", "import qlinear, sys; print(qlinear.__file__)"], cwd=work,
+              env=_clean_env())
+    assert str(py.parent.parent) in out, f"qlinear imported from {out}, not the venv"
+
+
+def test_wheel_ships_kernel_sources(installed):
+    py, work = installed
+    code = ("from qlinear import resources\n"
+            "for kind in ('shaders', 'cuda'):\n"
+            "    d = resources.resource_dir(kind)\n"
+            "    print(kind, str(d), ' '.join(resources.list_sources(kind)))\n")
+    out = _sh([str(py), "-c", code], cwd=work, env=_clean_env())
+    for line in out.splitlines():
+        kind, where, *names = line.split()
+        assert "site-packages" in where, f"{kind} found at {where}, not in the wheel"
+        tree = sorted(p.name for p in (ROOT / kind).iterdir() if p.is_file())
+        assert sorted(names) == tree
+
+
+def test_console_script_info(installed):
+    py, work = installed
+    out = _sh([str(py.parent / "qlinear"), "info"], cwd=work, env=_clean_env())
+    assert "[cpu] available" in out and "[wgpu]" in out and "[cuda]" in out
+
+
+def test_wheel_runs_a_plan(installed):
+    """One plan end to end from the wheel, on every backend available there (wgpu runs a
+    WGSL kernel loaded from the wheel's shaders/)."""
+    py, work = installed
+    code = """
+import numpy as np, qlinear as ql
+ran = []
+for st in ql.backend_status():
+    if not st.available:
+        continue
+    be = st.backend
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((8, 12)).astype(np.float32)
+    x = rng.standard_normal((3, 12)).astype(np.float32)
+    y_cpu = ql.QuantizedLinear.from_float(w, backend="cpu")(x)
+    y = ql.QuantizedLinear.from_float(w, backend=be)(x)
+    assert (y.view(np.uint32) == y_cpu.view(np.uint32)).all(), be.name
+    ran.append(be.name)
+print(' '.join(ran))
+"""
+    out = _sh([str(py), "-c", code], cwd=work, env=_clean_env())
+    assert "cpu" in out.split()

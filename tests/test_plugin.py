@@ -1,0 +1,67 @@
+"""The pytest plugin, tested with pytester: parametrisation, selection, skips with reasons."""
+
+import importlib.metadata
+import os
+
+import pytest
+
+import qlinear as ql
+
+INSTALLED = any(ep.value == "qlinear.pytest_plugin"
+                for ep in importlib.metadata.entry_points(group="pytest11"))
+PLUGIN_ARGS = [] if INSTALLED else ["-p", "qlinear.pytest_plugin"]
+
+TEST_FILE = """
+import qlinear as ql
+
+def test_backend_is_usable(qlinear_backend):
+    assert isinstance(qlinear_backend, ql.Backend)
+    assert qlinear_backend.name in ql.backend_names()
+
+def test_without_fixture():
+    pass
+"""
+
+
+@pytest.fixture
+def run(pytester, monkeypatch):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ql.__file__)))
+    monkeypatch.setenv("PYTHONPATH", root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    pytester.makepyfile(test_user=TEST_FILE)
+
+    def _run(*args):
+        return pytester.runpytest_subprocess(*PLUGIN_ARGS, "-rs", "-v", *args)
+    return _run
+
+
+def test_parametrised_over_every_backend(run):
+    result = run()
+    available = [s.name for s in ql.backend_status() if s.available]
+    unavailable = [s for s in ql.backend_status() if not s.available]
+    result.assert_outcomes(passed=len(available) + 1, skipped=len(unavailable))
+    for name in ql.backend_names():
+        result.stdout.fnmatch_lines([f"*test_backend_is_usable?{name}?*"])
+    for s in unavailable:
+        # Skipped with its reason, never passed.
+        result.stdout.fnmatch_lines([f"SKIPPED*{s.name}*unavailable*{s.reason[:30]}*"])
+
+
+def test_select_one_backend(run):
+    result = run("--qlinear-backend=cpu")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*test_backend_is_usable?cpu?*PASSED*"])
+    assert "wgpu" not in result.stdout.str().split("short test summary")[0].split("collected")[1]
+
+
+def test_unknown_backend_is_a_usage_error(run):
+    result = run("--qlinear-backend=tpu")
+    assert result.ret != 0
+    result.stderr.fnmatch_lines(["*--qlinear-backend*tpu*"])
+
+
+def test_unavailable_backend_selected_is_skipped_not_passed(run):
+    missing = [s for s in ql.backend_status() if not s.available]
+    if not missing:
+        pytest.skip("every backend is available on this machine")
+    result = run(f"--qlinear-backend={missing[0].name}")
+    result.assert_outcomes(passed=1, skipped=1)
