@@ -62,19 +62,19 @@ def quantize_rows(x: np.ndarray, dtype: DType, q_min: int, q_max: int):
         # Rows whose stored scale is 0 (all-zero, or underflowed in TIn), NaN or Inf.
         special = not (divisor.min() > 0 and divisor.max() < np.inf)
         if special:
-            zero = divisor == 0
-            finite = np.isfinite(divisor)
-            scale[zero] = 1
-            scale[~finite] = np.nan
-            divisor[zero | ~finite] = 1
+            bad = ~(np.isfinite(divisor) & (divisor != 0))
+            scale[divisor == 0] = 1
+            scale[~np.isfinite(divisor)] = np.nan
+            divisor[bad] = 1
+            amax[bad] = 0
         q = xc / divisor[:, None]
         np.rint(q, out=q)
-        # |x| <= amax and division and rint are monotonic, so rint(amax / scale) bounds |q|:
-        # clamping is needed only where that bound leaves the range.
-        if special or np.rint(amax / divisor).max() > min(q_max, -q_min):
+        # |x| <= amax, and division and rint are monotonic: clamping is needed only if some
+        # row's amax / scale can round past the range.
+        if (amax / divisor).max() >= min(q_max, -q_min) + 0.5:
             np.clip(q, q_min, q_max, out=q)
         if special:
-            q[zero | ~finite] = 0
+            q[bad] = 0
     return q, scale
 
 
@@ -86,8 +86,9 @@ def int_matmul(q: np.ndarray, w_t: np.ndarray, chunk: int) -> np.ndarray:
     k = q.shape[1]
     if q.dtype == np.float64 or k <= chunk:
         return q @ w_t
-    acc = np.zeros((q.shape[0], w_t.shape[1]), np.float64)
-    for k0 in range(0, k, chunk):
+    acc = np.add(q[:, :chunk] @ w_t[:chunk], q[:, chunk:2 * chunk] @ w_t[chunk:2 * chunk],
+                 dtype=np.float64)
+    for k0 in range(2 * chunk, k, chunk):
         acc += q[:, k0:k0 + chunk] @ w_t[k0:k0 + chunk]
     return acc
 
@@ -95,10 +96,11 @@ def int_matmul(q: np.ndarray, w_t: np.ndarray, chunk: int) -> np.ndarray:
 def dequantize(acc: np.ndarray, scale: np.ndarray, weight_scale: np.ndarray, bias, out: np.ndarray):
     """Step 5: ``out[M, N] = ((C(acc) * C(scale)) * C(weight_scale)) (+ C(bias))``, one rounding.
 
-    ``acc`` is a temporary and is overwritten."""
+    ``acc`` may be overwritten."""
     ct = np.dtype(np.float64) if out.dtype == np.float64 else np.dtype(np.float32)
-    y = acc.astype(ct, copy=False)  # float64 -> C rounds to nearest even, as f32(int32) does
-    y *= scale.astype(ct, copy=False)[:, None]
+    # acc -> C first (float64 -> f32 rounds to nearest even, as f32(int32) does), then * scale.
+    y = np.multiply(acc, scale.astype(ct, copy=False)[:, None], dtype=ct,
+                    out=acc if acc.dtype == ct else None)
     if bias is None:
         _store(np.multiply, y, weight_scale.astype(ct, copy=False), out)
     else:
@@ -168,13 +170,19 @@ class _LinearKernel(Kernel):
         bias = None if t["bias"] is None else t["bias"].handle
         step = _block_rows(d.m, d.k, d.c_out)
         with np.errstate(invalid="ignore", over="ignore"):
+            if step >= d.m:  # one block: no slicing (it shows at decode sizes)
+                self._block(x, act_q, act_scale, w_t, ws, bias, out)
+                return
             for m0 in range(0, d.m, step):
                 rows = slice(m0, m0 + step)
-                q, scale = quantize_rows(x[rows], d.dtype, d.q_min, d.q_max)
-                act_q[rows] = q
-                act_scale[rows] = scale
-                acc = int_matmul(q, w_t, self.chunk)
-                dequantize(acc, scale, ws, bias, out[rows])
+                self._block(x[rows], act_q[rows], act_scale[rows], w_t, ws, bias, out[rows])
+
+    def _block(self, x, act_q, act_scale, w_t, ws, bias, out):
+        d = self.desc
+        q, scale = quantize_rows(x, d.dtype, d.q_min, d.q_max)
+        act_q[...] = q
+        act_scale[...] = scale
+        dequantize(int_matmul(q, w_t, self.chunk), scale, ws, bias, out)
 
 
 class CpuBackend(Backend):
