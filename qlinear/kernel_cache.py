@@ -1,0 +1,259 @@
+"""The verified cache of compiled kernels: in memory, and on disk in ``$QLINEAR_CACHE_DIR``.
+
+A compiled kernel module (a cubin, the map from name expressions to mangled symbols,
+and the compiler log) is stored under a *key*: the SHA-256 of everything that can
+change the binary (source text including headers, compiler options, target
+architecture, compiler version). Nothing here knows about CUDA: a backend supplies the
+key parts and a function that compiles.
+
+On disk each entry is one file, ``<dir>/kernels-v1/<key>.qlk``::
+
+    magic      b"QLINEAR-KC\\x01\\n"
+    length     8 bytes, little-endian: size of the JSON header
+    header     JSON: format, key, key parts, symbols, log, payload size
+    payload    the binary
+    digest     SHA-256 of everything above (32 bytes)
+
+Entries are written to a temporary file in the same folder and renamed over the
+final name (``os.replace``, atomic), so a reader sees an old entry, a new one or none,
+never half of one; several processes compiling the same kernel at once each rename a
+complete file and the last one stays. A file that is truncated, altered, written for
+another key or in another format fails verification and is compiled again (and
+rewritten), never loaded.
+
+``QLINEAR_CACHE_DIR`` picks the folder (default ``~/.cache/qlinear``); ``off`` keeps the
+cache in memory only. A folder that cannot be written is read-only for the cache,
+never an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Union
+
+__all__ = [
+    "CacheEntry",
+    "KernelCache",
+    "cache_dir",
+    "default_cache",
+    "make_key",
+    "ENV_VAR",
+]
+
+#: The environment variable naming the cache folder (``off`` disables the disk).
+ENV_VAR = "QLINEAR_CACHE_DIR"
+_FORMAT = 1
+_MAGIC = b"QLINEAR-KC\x01\n"
+_LEN = struct.Struct("<Q")
+_DIGEST = 32
+_SUBDIR = f"kernels-v{_FORMAT}"
+# A header beyond this is not one we wrote: refuse before parsing it.
+_MAX_HEADER = 16 << 20
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One compiled module.
+
+    Attributes:
+        key: the cache key (hex SHA-256 of ``parts``).
+        binary: the compiled code (a cubin).
+        symbols: name expression -> mangled symbol, as the compiler reported them.
+        log: the compiler's log (for CUDA: ptxas register and spill report).
+        parts: the key parts the entry was built for.
+        source: where it came from: ``"compiled"``, ``"memory"`` or ``"disk"``.
+    """
+
+    key: str
+    binary: bytes
+    symbols: Mapping[str, str] = field(default_factory=dict)
+    log: str = ""
+    parts: Mapping[str, object] = field(default_factory=dict)
+    source: str = "compiled"
+
+
+def make_key(parts: Mapping[str, object]) -> str:
+    """The cache key of ``parts``: SHA-256 over their canonical JSON (sorted keys)."""
+    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def cache_dir() -> Optional[Path]:
+    """The disk cache folder from ``$QLINEAR_CACHE_DIR`` (default ``~/.cache/qlinear``),
+    or None when it is ``off``."""
+    value = os.environ.get(ENV_VAR, "").strip()
+    if value.lower() == "off":
+        return None
+    if not value:
+        return Path.home() / ".cache" / "qlinear"
+    return Path(value).expanduser()
+
+
+def _encode(entry: CacheEntry) -> bytes:
+    header = json.dumps({
+        "format": _FORMAT,
+        "key": entry.key,
+        "parts": dict(entry.parts),
+        "symbols": dict(entry.symbols),
+        "log": entry.log,
+        "size": len(entry.binary),
+    }, sort_keys=True, default=str).encode("utf-8")
+    body = _MAGIC + _LEN.pack(len(header)) + header + bytes(entry.binary)
+    return body + hashlib.sha256(body).digest()
+
+
+def _decode(data: bytes, key: str) -> Optional[CacheEntry]:
+    """The entry in ``data`` if it verifies as an entry for ``key``, else None."""
+    fixed = len(_MAGIC) + _LEN.size
+    if len(data) < fixed + _DIGEST or not data.startswith(_MAGIC):
+        return None
+    body, digest = data[:-_DIGEST], data[-_DIGEST:]
+    if hashlib.sha256(body).digest() != digest:
+        return None
+    (hlen,) = _LEN.unpack_from(body, len(_MAGIC))
+    if hlen > _MAX_HEADER or fixed + hlen > len(body):
+        return None
+    try:
+        header = json.loads(body[fixed:fixed + hlen].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(header, dict) or header.get("format") != _FORMAT or header.get("key") != key:
+        return None
+    binary = body[fixed + hlen:]
+    if header.get("size") != len(binary):
+        return None
+    symbols = header.get("symbols")
+    parts = header.get("parts")
+    if not isinstance(symbols, dict) or not isinstance(parts, dict):
+        return None
+    return CacheEntry(key, binary, symbols, str(header.get("log", "")), parts, "disk")
+
+
+class KernelCache:
+    """Compiled kernels by key, in memory and (unless ``directory`` is None) on disk.
+
+    Thread-safe; concurrent processes share the disk folder safely.
+
+    Args:
+        directory: the folder of the disk cache, or None for memory only.
+    """
+
+    def __init__(self, directory: Union[str, os.PathLike, None]):
+        self.directory: Optional[Path] = None if directory is None else Path(directory)
+        self._memory: dict[str, CacheEntry] = {}
+        self._lock = threading.Lock()
+        self._key_locks: dict[str, threading.Lock] = {}
+        #: Counters: ``hits_memory``, ``hits_disk``, ``compiles``, ``rejected`` (bad files
+        #: found on disk), ``write_errors``.
+        self.stats = {"hits_memory": 0, "hits_disk": 0, "compiles": 0, "rejected": 0,
+                      "write_errors": 0}
+
+    def path(self, key: str) -> Optional[Path]:
+        """Where the entry of ``key`` lives on disk (None without a disk cache)."""
+        if self.directory is None:
+            return None
+        return self.directory / _SUBDIR / f"{key}.qlk"
+
+    def get(self, key: str) -> Optional[CacheEntry]:
+        """The verified entry of ``key`` from memory or disk, or None."""
+        entry = self._memory.get(key)
+        if entry is not None:
+            self.stats["hits_memory"] += 1
+            return entry
+        entry = self._read(key)
+        if entry is not None:
+            self.stats["hits_disk"] += 1
+            with self._lock:
+                self._memory[key] = entry
+        return entry
+
+    def put(self, entry: CacheEntry) -> None:
+        """Keep ``entry`` in memory and write it to disk (atomically; errors ignored)."""
+        with self._lock:
+            self._memory[entry.key] = entry
+        self._write(entry)
+
+    def get_or_build(self, parts: Mapping[str, object],
+                     build: Callable[[], tuple]) -> CacheEntry:
+        """The entry for ``parts``; on a miss ``build()`` returns ``(binary, symbols, log)``,
+        which is stored. Only one thread of this process builds a given key at a time."""
+        key = make_key(parts)
+        entry = self.get(key)
+        if entry is not None:
+            return entry
+        with self._lock:
+            lock = self._key_locks.setdefault(key, threading.Lock())
+        with lock:
+            entry = self._memory.get(key)
+            if entry is not None:
+                return entry
+            binary, symbols, log = build()
+            self.stats["compiles"] += 1
+            entry = CacheEntry(key, bytes(binary), dict(symbols or {}), log or "", dict(parts))
+            self.put(entry)
+            return entry
+
+    def clear_memory(self) -> None:
+        """Forget the in-memory entries (the disk keeps its own)."""
+        with self._lock:
+            self._memory.clear()
+
+    def _read(self, key: str) -> Optional[CacheEntry]:
+        path = self.path(key)
+        if path is None:
+            return None
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        entry = _decode(data, key)
+        if entry is None:
+            self.stats["rejected"] += 1
+        return entry
+
+    def _write(self, entry: CacheEntry) -> None:
+        path = self.path(entry.key)
+        if path is None:
+            return
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{entry.key[:16]}.", suffix=".tmp",
+                                       dir=path.parent)
+            with os.fdopen(fd, "wb") as f:
+                f.write(_encode(entry))
+            os.replace(tmp, path)
+            tmp = None
+        except OSError:
+            self.stats["write_errors"] += 1
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+
+    def __repr__(self) -> str:
+        where = "memory only" if self.directory is None else str(self.directory)
+        return f"<KernelCache {where}: {len(self._memory)} in memory>"
+
+
+_defaults: dict[Optional[Path], KernelCache] = {}
+_defaults_lock = threading.Lock()
+
+
+def default_cache() -> KernelCache:
+    """The process-wide cache for the folder ``$QLINEAR_CACHE_DIR`` names right now."""
+    directory = cache_dir()
+    with _defaults_lock:
+        cache = _defaults.get(directory)
+        if cache is None:
+            cache = _defaults[directory] = KernelCache(directory)
+        return cache
