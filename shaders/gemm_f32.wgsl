@@ -1,0 +1,86 @@
+// qlinear: tiled int8 GEMM with float multiply-adds, for adapters on which
+// dot4I8Packed is emulated (naga lowers it to scalar code for Metal and GLSL).
+//
+// Same blocking as gemm_dot4.wgsl, but each packed word is unpacked once, when it
+// is staged into workgroup memory, to a vec4<f32>, and the register tile accumulates
+// f32 dot products. Exactness: every product is an integer of magnitude <= 2^14, and
+// the f32 accumulators are moved into int32 every 256 words (1024 products), so
+// every partial sum is an integer of magnitude <= 2^24, held exactly by f32 in any
+// summation order, FMA or not.
+
+override BM: u32 = 64u;
+override BN: u32 = 64u;
+override BK: u32 = 8u;
+override WGX: u32 = 16u;  // BN / 4
+override WGY: u32 = 16u;  // BM / 4
+const CHUNK_WORDS: u32 = 256u;
+
+var<workgroup> As: array<vec4<f32>, BK * BM>;
+var<workgroup> Bs: array<vec4<f32>, BK * BN>;
+
+@compute @workgroup_size(WGX, WGY)
+fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let tx = lid.x;
+    let ty = lid.y;
+    let tid = ty * WGX + tx;
+    let row0 = wid.y * BM;
+    let col0 = wid.x * BN;
+    var acc: array<vec4<i32>, 4>;
+    var accf: array<vec4<f32>, 4>;
+    var done = 0u;  // words accumulated in accf
+    for (var k0 = 0u; k0 < p.kw; k0 = k0 + BK) {
+        for (var e = tid; e < BM * BK; e = e + WGX * WGY) {
+            let r = e / BK;
+            let kk = e % BK;
+            var v = 0u;
+            if (row0 + r < p.m && k0 + kk < p.kw) {
+                v = act[p.a_base + (row0 + r) * p.kw + k0 + kk];
+            }
+            As[kk * BM + r] = vec4<f32>(unpack4xI8(v));
+        }
+        for (var e = tid; e < BN * BK; e = e + WGX * WGY) {
+            let c = e / BK;
+            let kk = e % BK;
+            var v = 0u;
+            if (col0 + c < p.n && k0 + kk < p.kw) {
+                v = wt[p.b_base + (col0 + c) * p.kw + k0 + kk];
+            }
+            Bs[kk * BN + c] = vec4<f32>(unpack4xI8(v));
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < BK; kk = kk + 1u) {
+            let b0 = Bs[kk * BN + tx * 4u];
+            let b1 = Bs[kk * BN + tx * 4u + 1u];
+            let b2 = Bs[kk * BN + tx * 4u + 2u];
+            let b3 = Bs[kk * BN + tx * 4u + 3u];
+            for (var i = 0u; i < 4u; i = i + 1u) {
+                let a = As[kk * BM + ty * 4u + i];
+                accf[i] = accf[i] + vec4<f32>(dot(a, b0), dot(a, b1), dot(a, b2), dot(a, b3));
+            }
+        }
+        done = done + BK;
+        if (done >= CHUNK_WORDS) {
+            for (var i = 0u; i < 4u; i = i + 1u) {
+                acc[i] = acc[i] + vec4<i32>(accf[i]);
+                accf[i] = vec4<f32>(0.0);
+            }
+            done = 0u;
+        }
+        workgroupBarrier();
+    }
+    for (var i = 0u; i < 4u; i = i + 1u) {
+        acc[i] = acc[i] + vec4<i32>(accf[i]);
+    }
+    let c0 = col0 + tx * 4u;
+    for (var i = 0u; i < 4u; i = i + 1u) {
+        let row = row0 + ty * 4u + i;
+        if (row < p.m) {
+            if (c0 < p.n) {
+                store_pair(row, c0, acc[i].x, acc[i].y, c0 + 1u < p.n);
+            }
+            if (c0 + 2u < p.n) {
+                store_pair(row, c0 + 2u, acc[i].z, acc[i].w, c0 + 3u < p.n);
+            }
+        }
+    }
+}
