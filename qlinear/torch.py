@@ -207,9 +207,16 @@ class QLinear(nn.Module):
 
     def _buffers_key(self):
         # _version counts in-place writes (load_state_dict, copy_), data_ptr catches .to():
-        # either one means the backend copies are stale.
-        return tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device)
+        # either one means the backend copies are stale. Inference tensors (buffers made
+        # under torch.inference_mode) have no version counter; load_state_dict still
+        # clears the layers (_load_from_state_dict).
+        return tuple(None if t is None else
+                     (t.data_ptr(), None if t.is_inference() else t._version, t.dtype, t.device)
                      for t in (self.weight_q, self.weight_scale, self.bias))
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._layers_key = None
 
     def backend_layer(self, dtype, device) -> QuantizedLinear:
         """The :class:`qlinear.QuantizedLinear` that runs inputs of ``dtype`` on ``device``

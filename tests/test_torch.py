@@ -445,6 +445,19 @@ def test_state_dict_round_trip(device):
     assert torch.equal(got, want)
 
 
+def test_quantize_and_load_under_inference_mode():
+    """Buffers made under inference_mode have no version counter: loading still refreshes."""
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        model = mlp(seed=1)
+        qlt.quantize_linears(model)
+        before = model(x)
+        src = mlp(seed=2)
+        qlt.quantize_linears(src)
+        model.load_state_dict(src.state_dict())
+        assert torch.equal(model(x), src(x)) and not torch.equal(model(x), before)
+
+
 def test_empty_qlinear_loads_state():
     src = qlt.QLinear.from_linear(nn.Linear(24, 10))
     dst = qlt.QLinear(24, 10)
