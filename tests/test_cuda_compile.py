@@ -1,0 +1,191 @@
+"""Every CUDA kernel variant compiles with NVRTC for every supported architecture.
+
+No GPU or driver needed: NVRTC turns C++ into a cubin on the host. For each
+architecture in :data:`qlinear.backends.cuda.SUPPORTED_ARCHS` and each kernel a plan can
+choose (every dtype, path, tile configuration and alignment variant), this checks that
+the cubin holds the kernel's symbol (read from its ELF symbol table) and that ptxas
+reports no register spills. One NVRTC program per (source, arch, dtype) instantiates
+many kernels at once; the programs run in a process pool.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import struct
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+pytest.importorskip("cuda.core")
+from qlinear.backends import cuda as qc  # noqa: E402
+from qlinear.errors import DeviceError  # noqa: E402
+from qlinear.kernel_cache import KernelCache  # noqa: E402
+
+try:
+    qc.nvrtc_version()
+    _NVRTC = ""
+except Exception as e:  # pragma: no cover - depends on the machine
+    _NVRTC = str(e)
+pytestmark = pytest.mark.skipif(bool(_NVRTC), reason=f"NVRTC unavailable: {_NVRTC}")
+
+EM_CUDA = 190
+
+
+def elf_function_symbols(binary: bytes) -> set[str]:
+    """Names of the function symbols in an ELF64 little-endian file (a cubin)."""
+    assert binary[:4] == b"\x7fELF", "not an ELF file"
+    assert binary[4] == 2 and binary[5] == 1, "expected ELF64 little-endian"
+    (e_machine,) = struct.unpack_from("<H", binary, 18)
+    assert e_machine == EM_CUDA, f"expected a CUDA ELF (machine {EM_CUDA}), got {e_machine}"
+    e_shoff, = struct.unpack_from("<Q", binary, 40)
+    e_shentsize, e_shnum = struct.unpack_from("<HH", binary, 58)
+    sections = []
+    for i in range(e_shnum):
+        off = e_shoff + i * e_shentsize
+        _, sh_type, _, _, sh_offset, sh_size, sh_link, _, _, sh_entsize = struct.unpack_from(
+            "<IIQQQQIIQQ", binary, off)
+        sections.append((sh_type, sh_offset, sh_size, sh_link, sh_entsize))
+    names = set()
+    for sh_type, offset, size, link, entsize in sections:
+        if sh_type != 2:  # SHT_SYMTAB
+            continue
+        str_off = sections[link][1]
+        for j in range(size // (entsize or 24)):
+            st_name, st_info = struct.unpack_from("<IB", binary, offset + j * (entsize or 24))
+            if st_info & 0xF != 2:  # STT_FUNC
+                continue
+            end = binary.index(b"\0", str_off + st_name)
+            names.add(binary[str_off + st_name:end].decode())
+    return names
+
+
+def _jobs():
+    groups = defaultdict(list)
+    for arch in qc.SUPPORTED_ARCHS:
+        for spec in qc.kernel_variants(arch):
+            groups[(spec.source, arch, spec.args[0])].append(spec.name_expression)
+    # Largest first, so the pool's tail is short.
+    return sorted(groups.items(), key=lambda kv: (kv[0][0] != "gemm_mma.cu", -len(kv[1])))
+
+
+def _compile(job):
+    (source, arch, _ctype), names = job
+    entry = qc.compile_module(source, names, qc.CompileOptions(arch), KernelCache(None))
+    return job, entry.binary, dict(entry.symbols), entry.log
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """(arch, name expression) -> (cubin, mangled symbol, ptxas report of that symbol)."""
+    jobs = _jobs()
+    workers = max(1, min(len(jobs), os.cpu_count() or 1, 8))
+    ctx = multiprocessing.get_context("spawn")
+    results = {}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        for (key, names), binary, symbols, log in pool.map(_compile, jobs):
+            report = qc.ptxas_report(log)
+            funcs = elf_function_symbols(binary)
+            for name in names:
+                mangled = symbols.get(name)
+                results[(key[1], name)] = (mangled, funcs, report.get(mangled))
+    return results
+
+
+@pytest.mark.parametrize("arch", qc.SUPPORTED_ARCHS)
+def test_every_kernel_compiles_without_spills(compiled, arch):
+    specs = qc.kernel_variants(arch)
+    assert specs
+    problems = []
+    for spec in specs:
+        mangled, funcs, report = compiled[(arch, spec.name_expression)]
+        if not mangled:
+            problems.append(f"{spec.name_expression}: no symbol mapping from NVRTC")
+            continue
+        if mangled not in funcs:
+            problems.append(f"{spec.name_expression}: {mangled} not in the cubin's symbol table")
+        if report is None:
+            problems.append(f"{spec.name_expression}: no ptxas report")
+            continue
+        if report.get("arch") != arch:
+            problems.append(f"{spec.name_expression}: compiled for {report.get('arch')}")
+        if report.get("spill_stores", 1) or report.get("spill_loads", 1):
+            problems.append(f"{spec.name_expression}: spills {report}")
+        if report.get("stack", 1):
+            problems.append(f"{spec.name_expression}: uses a stack frame {report}")
+        max_regs = 65536 // spec.threads
+        if report.get("registers", 0) > min(255, max_regs):
+            problems.append(f"{spec.name_expression}: {report['registers']} registers")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("arch", qc.SUPPORTED_ARCHS)
+def test_the_right_kernel_families_per_arch(arch):
+    sources = {s.source for s in qc.kernel_variants(arch)}
+    if qc.arch_number(arch) >= 80:
+        assert sources == {"act_quant.cu", "gemm_mma.cu", "gemv_mma.cu"}
+    else:  # sm_75: neither cp.async nor m16n8k32 integer MMA
+        assert sources == {"act_quant.cu", "gemm_dp4a.cu"}
+    dtypes = {s.args[0] for s in qc.kernel_variants(arch)}
+    assert dtypes == {"float", "__half", "__nv_bfloat16", "double"}
+
+
+@pytest.mark.parametrize("arch", qc.SUPPORTED_ARCHS)
+def test_plans_only_choose_compiled_kernels(arch):
+    names = {s.name_expression for s in qc.kernel_variants(arch)}
+    for dtype in ("f32", "f16", "bf16", "f64"):
+        for m in (0, 1, 2, 15, 16, 17, 100, 512, 4096, 70000):
+            for n in (1, 7, 384, 1536, 4096, 14336):
+                for k in (0, 1, 3, 16, 100, 384, 4096, 14336):
+                    sel = qc.select_linear(m, n, k, dtype, arch, 132)
+                    for spec in (sel.act, sel.act_fallback, sel.gemm, sel.gemm_fallback):
+                        assert spec.name_expression in names
+                    if m <= 16:
+                        assert "decode" in sel.sku
+                    if k % 16:
+                        assert sel.gemm == sel.gemm_fallback
+                    assert sel.sku.startswith(f"cuda.{arch}.")
+                    assert all(0 < g < 2**31 for g in sel.gemm_grid)
+                    assert len(sel.gemm_grid) == 1 or sel.gemm_grid[1] <= 65535
+
+
+def test_compile_error_is_a_device_error_with_the_log(monkeypatch):
+    monkeypatch.setattr(qc, "expand_source",
+                        lambda name: "__global__ void broken() { this_is_not_cuda; }\n")
+    with pytest.raises(DeviceError) as info:
+        qc.compile_module("broken.cu", ["broken"], qc.CompileOptions("sm_80"), KernelCache(None))
+    text = str(info.value)
+    assert "sm_80" in text and "this_is_not_cuda" in text and "error" in text
+
+
+def test_sources_avoid_host_headers():
+    for name in ("qlinear_common.cuh", "act_quant.cu", "gemm_mma.cu", "gemv_mma.cu", "gemm_dp4a.cu"):
+        text = qc.expand_source(name)
+        includes = [line.split(None, 1)[1] for line in text.splitlines()
+                    if line.lstrip().startswith("#include")]
+        assert includes and all(i in ("<cuda_fp16.h>", "<cuda_bf16.h>") for i in includes), includes
+
+
+def test_arch_for():
+    supported = (75, 80, 86, 87, 89, 90, 100, 120)
+    assert qc.arch_for((9, 0), supported) == "sm_90a"
+    assert qc.arch_for((8, 0), supported) == "sm_80"
+    assert qc.arch_for((8, 9), supported) == "sm_89"
+    assert qc.arch_for((7, 5), supported) == "sm_75"
+    assert qc.arch_for((12, 1), supported) == "sm_120"  # a cubin runs on later minors
+    from qlinear.errors import Unsupported
+
+    with pytest.raises(Unsupported, match="7.5 or newer"):
+        qc.arch_for((7, 0), supported)
+    with pytest.raises(Unsupported, match="nvrtc"):
+        qc.arch_for((13, 0), supported)
+
+
+def test_ptxas_report_parses_the_log():
+    log = ("ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90a'\n"
+           "ptxas info    : Function properties for _Z3fooPf\n"
+           "ptxas         .     8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
+           "ptxas info    : Used 40 registers, used 0 barriers\n")
+    assert qc.ptxas_report(log) == {"_Z3fooPf": {"arch": "sm_90a", "stack": 8, "spill_stores": 4,
+                                                  "spill_loads": 4, "registers": 40}}

@@ -1,0 +1,325 @@
+"""Host-side emulation of the CUDA kernels' index math, checked against an int64 oracle.
+
+No GPU here, so this re-enacts, lane by lane, what ``cuda/gemm_mma.cu``,
+``cuda/gemv_mma.cu`` and ``cuda/gemm_dp4a.cu`` do with their indices: which bytes each
+lane loads into which register, the ``mma.sync.m16n8k32.row.col.s8`` fragment layout of
+the PTX ISA, the accumulator-to-output mapping, the split-K reduction and the tile
+rasterisation. A wrong offset, a swapped register or a missed tail shows up as a
+mismatch with ``A @ W.T``. (The numerics of the epilogue and the activation pass are
+the same formulas as the cpu backend and are checked on a GPU by the shared suite.)
+"""
+
+import numpy as np
+import pytest
+
+from qlinear.backends import cuda as qc
+
+LANES = np.arange(32)
+G = LANES >> 2
+T = LANES & 3
+
+
+# ----------------------------------------------------------------------------------
+# mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32, per the PTX ISA fragment tables:
+#   A (16x32): a_i, i = 0..15, in 4 registers of 4 bytes (a0 lowest byte of reg 0)
+#       row = g for i < 4 or 8 <= i < 12, else g + 8
+#       col = 4t + (i & 3) (+ 16 for i >= 8)
+#   B (32x8): b_i, i = 0..7, in 2 registers
+#       row = 4t + (i & 3) (+ 16 for i >= 4), col = g
+#   C/D (16x8) s32: c_i, i = 0..3
+#       row = g (i < 2) or g + 8, col = 2t + (i & 1)
+
+def _a_index():
+    rows = np.empty((32, 16), int)
+    cols = np.empty((32, 16), int)
+    for i in range(16):
+        rows[:, i] = np.where((i < 4) | ((i >= 8) & (i < 12)), G, G + 8)
+        cols[:, i] = 4 * T + (i & 3) + (16 if i >= 8 else 0)
+    return rows, cols
+
+
+def _b_index():
+    rows = np.empty((32, 8), int)
+    cols = np.empty((32, 8), int)
+    for i in range(8):
+        rows[:, i] = 4 * T + (i & 3) + (16 if i >= 4 else 0)
+        cols[:, i] = G
+    return rows, cols
+
+
+A_ROWS, A_COLS = _a_index()
+B_ROWS, B_COLS = _b_index()
+C_ROWS = np.stack([G, G, G + 8, G + 8], axis=1)
+C_COLS = np.stack([2 * T, 2 * T + 1, 2 * T, 2 * T + 1], axis=1)
+
+
+def _bytes(words):
+    """[32, n] uint32 registers -> [32, 4n] signed bytes, lowest byte first."""
+    w = np.ascontiguousarray(words, dtype="<u4")
+    return w.view(np.int8).reshape(32, -1).astype(np.int64)
+
+
+def mma(c, a_regs, b_regs):
+    """c[32, 4] += D of one m16n8k32 s8 MMA from per-lane registers."""
+    a = np.zeros((16, 32), np.int64)
+    b = np.zeros((32, 8), np.int64)
+    a[A_ROWS, A_COLS] = _bytes(a_regs)
+    b[B_ROWS, B_COLS] = _bytes(b_regs)
+    d = a @ b
+    c += d[C_ROWS, C_COLS]
+
+
+def words16(rows_bytes):
+    """[32, 16] uint8 (one 16-byte load per lane) -> [32, 4] uint32 (x, y, z, w)."""
+    return np.ascontiguousarray(rows_bytes, dtype=np.uint8).view("<u4").reshape(32, 4)
+
+
+def mma_k64(c, lo, hi, col):
+    """qlinear_common.cuh's mma_s8_k64: bytes 0-7 then 8-15 of each lane's chunk."""
+    mma(c, np.stack([lo[:, 0], hi[:, 0], lo[:, 1], hi[:, 1]], 1), col[:, 0:2])
+    mma(c, np.stack([lo[:, 2], hi[:, 2], lo[:, 3], hi[:, 3]], 1), col[:, 2:4])
+
+
+def load16(mat, row, k, K, aligned):
+    """load16<ALIGNED>(mat[row], k, K) for every lane: 16 bytes from k, zero past K.
+    ``row`` is None for lanes that load nothing (the kernels then pass zeros)."""
+    out = np.zeros((32, 16), np.uint8)
+    for lane in range(32):
+        r, kk = row[lane], int(k[lane])
+        if r is None:
+            continue
+        if aligned:
+            assert K % 16 == 0 and kk % 16 == 0
+            if kk < K:
+                out[lane] = mat[r, kk:kk + 16].view(np.uint8)
+        else:
+            n = max(0, min(16, K - kk))
+            out[lane, :n] = mat[r, kk:kk + n].view(np.uint8)
+    return out
+
+
+def tile_coords(pid, tiles_m, tiles_n):
+    """qlinear_common.cuh's grouped rasterisation."""
+    group = 8
+    width = group * tiles_n
+    first_m = (pid // width) * group
+    rows = min(tiles_m - first_m, group)
+    in_group = pid % width
+    return first_m + in_group % rows, in_group // rows
+
+
+def oracle(a, w):
+    return a.astype(np.int64) @ w.astype(np.int64).T
+
+
+def random_s8(rng, shape):
+    return rng.integers(-128, 128, size=shape, dtype=np.int64).astype(np.int8)
+
+
+# ----------------------------------------------------------------------------------
+
+
+def test_mma_emulation_is_a_matmul():
+    # The fragment tables above, fed the natural (unpermuted) layout, compute A @ B.
+    rng = np.random.default_rng(1)
+    a = random_s8(rng, (16, 32))
+    b = random_s8(rng, (32, 8))
+    a_regs = np.zeros((32, 16), np.int8)
+    a_regs[:, :] = a[A_ROWS, A_COLS]
+    b_regs = b[B_ROWS, B_COLS]
+    c = np.zeros((32, 4), np.int64)
+    mma(c, a_regs.view("<u4").reshape(32, 4), np.ascontiguousarray(b_regs).view("<u4").reshape(32, 2))
+    d = np.zeros((16, 8), np.int64)
+    d[C_ROWS, C_COLS] = c
+    np.testing.assert_array_equal(d, a.astype(np.int64) @ b.astype(np.int64))
+
+
+@pytest.mark.parametrize("tiles_m,tiles_n", [(1, 1), (3, 5), (8, 2), (9, 7), (17, 3), (40, 1)])
+def test_tile_rasterisation_is_a_bijection(tiles_m, tiles_n):
+    seen = {tile_coords(pid, tiles_m, tiles_n) for pid in range(tiles_m * tiles_n)}
+    assert seen == {(i, j) for i in range(tiles_m) for j in range(tiles_n)}
+
+
+def emulate_gemm_mma(a, w, tile, aligned):
+    bm, bn, warps_m, warps_n, stages = qc._MMA_TILES[tile]
+    BK = 64
+    M, K = a.shape
+    N = w.shape[0]
+    wm, wn = bm // warps_m, bn // warps_n
+    mi_n, ni_n = wm // 16, wn // 8
+    tiles_m, tiles_n = -(-M // bm), -(-N // bn)
+    y = np.full((M, N), np.iinfo(np.int64).min)
+    for pid in range(tiles_m * tiles_n):
+        tm, tn = tile_coords(pid, tiles_m, tiles_n)
+        m0, n0 = tm * bm, tn * bn
+        acc = np.zeros((warps_m * warps_n, mi_n, ni_n, 32, 4), np.int64)
+        for kt in range(-(-K // BK)):
+            k0 = kt * BK
+            sa = np.zeros((bm, BK), np.uint8)
+            sb = np.zeros((bn, BK), np.uint8)
+            for smem, mat, base, limit in ((sa, a, m0, M), (sb, w, n0, N)):
+                for c in range(smem.shape[0] * 4):
+                    r, kc = c >> 2, (c & 3) * 16
+                    gr, gk = base + r, k0 + kc
+                    if gr >= limit:
+                        continue
+                    if aligned:  # cp.async 16 bytes or a zero fill
+                        if gk < K:
+                            smem[r, kc:kc + 16] = mat[gr, gk:gk + 16].view(np.uint8)
+                    else:
+                        n = max(0, min(16, K - gk))
+                        smem[r, kc:kc + n] = mat[gr, gk:gk + n].view(np.uint8)
+            for warp in range(warps_m * warps_n):
+                wm0, wn0 = (warp // warps_n) * wm, (warp % warps_n) * wn
+                cols = 16 * T[:, None] + np.arange(16)[None, :]
+                bf = [words16(sb[(wn0 + ni * 8 + G)[:, None], cols]) for ni in range(ni_n)]
+                for mi in range(mi_n):
+                    lo = words16(sa[(wm0 + mi * 16 + G)[:, None], cols])
+                    hi = words16(sa[(wm0 + mi * 16 + G + 8)[:, None], cols])
+                    for ni in range(ni_n):
+                        mma_k64(acc[warp, mi, ni], lo, hi, bf[ni])
+        for warp in range(warps_m * warps_n):
+            wm0, wn0 = (warp // warps_n) * wm, (warp % warps_n) * wn
+            for mi in range(mi_n):
+                for h in range(2):
+                    for ni in range(ni_n):
+                        for j in range(2):
+                            m = m0 + wm0 + mi * 16 + G + 8 * h
+                            n = n0 + wn0 + ni * 8 + 2 * T + j
+                            ok = (m < M) & (n < N)
+                            assert (y[m[ok], n[ok]] == np.iinfo(np.int64).min).all(), "written twice"
+                            y[m[ok], n[ok]] = acc[warp, mi, ni, ok, 2 * h + j]
+    return y
+
+
+@pytest.mark.parametrize("tile", list(qc._MMA_TILES))
+@pytest.mark.parametrize("m,n,k,aligned", [
+    (1, 8, 64, True), (70, 72, 128, True), (130, 136, 208, True), (17, 130, 48, True),
+    (33, 19, 3, False), (65, 65, 1, False), (20, 70, 77, False), (3, 5, 0, True),
+])
+def test_gemm_mma_index_math(tile, m, n, k, aligned):
+    rng = np.random.default_rng(m * 1000 + n + k)
+    a = random_s8(rng, (m, k))
+    w = random_s8(rng, (n, k))
+    y = emulate_gemm_mma(a, w, tile, aligned)
+    np.testing.assert_array_equal(y, oracle(a, w))
+
+
+def emulate_gemv(a, w, ngroups, aligned, warps=qc._GEMV_WARPS):
+    unroll = qc._gemv_unroll(ngroups)
+    M, K = a.shape
+    N = w.shape[0]
+    y = np.full((M, N), np.iinfo(np.int64).min)
+    chunks = -(-K // 64)
+    for bx in range(-(-N // (8 * ngroups))):
+        for by in range(-(-M // 16)):
+            n0, m0 = bx * 8 * ngroups, by * 16
+            red = np.zeros((warps, ngroups, 4, 32), np.int64)
+            rows_a = [m0 + g if m0 + g < M else None for g in G]
+            rows_b = [m0 + g + 8 if m0 + g + 8 < M else None for g in G]
+            cols = [[n0 + j * 8 + g if n0 + j * 8 + g < N else None for g in G]
+                    for j in range(ngroups)]
+            for warp in range(warps):
+                acc = np.zeros((ngroups, 32, 4), np.int64)
+                for c0 in range(warp * unroll, chunks, warps * unroll):
+                    for u in range(unroll):
+                        k = (c0 + u) * 64 + 16 * T
+                        fa = words16(load16(a, rows_a, k, K, aligned))
+                        fb = words16(load16(a, rows_b, k, K, aligned))
+                        for j in range(ngroups):
+                            fw = words16(load16(w, cols[j], k, K, aligned))
+                            mma_k64(acc[j], fa, fb, fw)
+                red[warp] = acc.transpose(0, 2, 1)
+            for e in range(ngroups * 128):
+                j, rr, cc = e >> 7, (e >> 3) & 15, e & 7
+                m, n = m0 + rr, n0 + j * 8 + cc
+                if m >= M or n >= N:
+                    continue
+                lane, reg = (rr & 7) * 4 + (cc >> 1), (rr >> 3) * 2 + (cc & 1)
+                assert y[m, n] == np.iinfo(np.int64).min, "written twice"
+                y[m, n] = red[:, j, reg, lane].sum()
+    return y
+
+
+@pytest.mark.parametrize("ngroups", qc._GEMV_NGROUPS)
+@pytest.mark.parametrize("m,n,k,aligned", [
+    (1, 8, 64, True), (16, 40, 1024, True), (5, 33, 4096 + 64 * 3, True), (9, 70, 16, True),
+    (1, 3, 1, False), (16, 17, 3, False), (7, 9, 333, False), (2, 4, 0, True),
+])
+def test_gemv_index_math(ngroups, m, n, k, aligned):
+    rng = np.random.default_rng(m * 7919 + n * 31 + k)
+    a = random_s8(rng, (m, k))
+    w = random_s8(rng, (n, k))
+    y = emulate_gemv(a, w, ngroups, aligned)
+    np.testing.assert_array_equal(y, oracle(a, w))
+
+
+def emulate_dp4a(a, w, tile, aligned):
+    bm, bn, tm_, tn_ = qc._DP4A_TILES[tile]
+    tx_n, ty_n = bn // tn_, bm // tm_
+    M, K = a.shape
+    N = w.shape[0]
+    tiles_m, tiles_n = -(-M // bm), -(-N // bn)
+    y = np.full((M, N), np.iinfo(np.int64).min)
+    tid = np.arange(tx_n * ty_n)
+    tx, ty = tid % tx_n, tid // tx_n
+    for pid in range(tiles_m * tiles_n):
+        tm, tn = tile_coords(pid, tiles_m, tiles_n)
+        m0, n0 = tm * bm, tn * bn
+        acc = np.zeros((len(tid), tm_, tn_), np.int64)
+        for k0 in range(0, K, 32):
+            sh = {}
+            for key, mat, base, limit, rows in (("a", a, m0, M, bm), ("b", w, n0, N, bn)):
+                s = np.zeros((8, rows), np.int64)
+                for c in range(rows * 2):
+                    r, h = c >> 1, c & 1
+                    if base + r >= limit:
+                        continue
+                    chunk = load16(mat, [base + r] + [None] * 31,
+                                   np.full(32, k0 + 16 * h), K, aligned)[0]
+                    s[4 * h:4 * h + 4, r] = chunk.view("<u4")
+                sh[key] = s
+            for kw in range(8):
+                av = np.stack([sh["a"][kw, ty + i * ty_n] for i in range(tm_)], 1)
+                bv = np.stack([sh["b"][kw, tx + j * tx_n] for j in range(tn_)], 1)
+                ab = av.astype("<u4").view(np.int8).reshape(len(tid), tm_, 4).astype(np.int64)
+                bb = bv.astype("<u4").view(np.int8).reshape(len(tid), tn_, 4).astype(np.int64)
+                acc += np.einsum("tik,tjk->tij", ab, bb)  # __dp4a: 4 s8 products + c
+        for i in range(tm_):
+            for j in range(tn_):
+                m = m0 + ty + i * ty_n
+                n = n0 + tx + j * tx_n
+                ok = (m < M) & (n < N)
+                assert (y[m[ok], n[ok]] == np.iinfo(np.int64).min).all(), "written twice"
+                y[m[ok], n[ok]] = acc[ok, i, j]
+    return y
+
+
+@pytest.mark.parametrize("tile", list(qc._DP4A_TILES))
+@pytest.mark.parametrize("m,n,k,aligned", [
+    (1, 8, 32, True), (20, 130, 96, True), (130, 9, 48, True), (3, 3, 3, False), (17, 129, 45, False),
+])
+def test_dp4a_index_math(tile, m, n, k, aligned):
+    rng = np.random.default_rng(m * 31 + n * 7 + k)
+    a = random_s8(rng, (m, k))
+    w = random_s8(rng, (n, k))
+    y = emulate_dp4a(a, w, tile, aligned)
+    np.testing.assert_array_equal(y, oracle(a, w))
+
+
+def test_emulated_kernels_match_the_sources():
+    """The constants the emulation reads from the backend are the ones in the sources."""
+    gemm = qc.expand_source("gemm_mma.cu")
+    assert "constexpr int BK = 64;" in gemm
+    assert "(wm0 + mi * 16 + g) * BK + 16 * t" in gemm
+    assert "(wn0 + ni * 8 + g) * BK + 16 * t" in gemm
+    common = gemm
+    assert "mma_s8(c, row_g.x, row_g8.x, row_g.y, row_g8.y, col_g.x, col_g.y);" in common
+    assert "mma_s8(c, row_g.z, row_g8.z, row_g.w, row_g8.w, col_g.z, col_g.w);" in common
+    assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in common
+    gemv = qc.expand_source("gemv_mma.cu")
+    assert "const int k = (c0 + u) * 64 + 16 * t;" in gemv
+    assert "const int src_lane = (rr & 7) * 4 + (cc >> 1);" in gemv
+    assert "const int reg = (rr >> 3) * 2 + (cc & 1);" in gemv
+    dp4a = qc.expand_source("gemm_dp4a.cu")
+    assert "a[i] = As[kw][ty + i * TY]" in dp4a and "b[j] = Bs[kw][tx + j * TX]" in dp4a
