@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import fnmatch
 import threading
-from typing import Callable, Collection, Optional, Union
+from typing import Callable, Collection, Union
 
 import ml_dtypes
 import numpy as np
@@ -119,11 +119,20 @@ class QLinear(nn.Module):
     layer's dtype. Build one with :meth:`from_linear` or :func:`quantize_linears`; the
     constructor makes an empty one of the right shape to ``load_state_dict`` into.
 
+    The backend keeps its own copy of the weight (made on the first call for each input
+    dtype and device, and again after the buffers change), so the int8 weight is held
+    twice, and the cpu backend adds its float32 ``[K, N]`` working copy. There is no
+    ``weight`` attribute: code that reads ``linear.weight`` (such as torch's fused
+    ``nn.TransformerEncoderLayer`` inference path) cannot use a QLinear;
+    :func:`quantize_linears` turns that path off where it swaps, and a QLinear put into
+    such a layer by hand needs ``torch.backends.mha.set_fastpath_enabled(False)``.
+
     Args:
         in_features, out_features, bias: as for ``nn.Linear``.
         dtype: the layer's float dtype (scales, bias, and the dtype it computes in for
             inputs of that dtype); default torch.float32.
-        device: where the buffers live (the input must be on the same device type).
+        device: where the buffers live. Inputs are run on their own device (the
+            backend's copy of the weight is made there), as ``.to(device)`` suggests.
         backend: a qlinear backend name or :class:`qlinear.Backend`; None (default)
             follows the input: the cpu backend for CPU tensors, cuda for CUDA tensors.
             A CPU tensor may run on any backend (through host copies on a GPU backend);
@@ -221,16 +230,15 @@ class QLinear(nn.Module):
     def backend_layer(self, dtype, device) -> QuantizedLinear:
         """The :class:`qlinear.QuantizedLinear` that runs inputs of ``dtype`` on ``device``
         (built on first use from the buffers; rebuilt when they change)."""
-        dt = qlinear_dtype(dtype)
+        tdt = torch_dtype(dtype)
         device = torch.device(device)
         key = self._buffers_key()
         if key != self._layers_key:
             self._layers = {}
             self._layers_key = key
-        layer = self._layers.get((dt, device))
+        layer = self._layers.get((tdt, device))
         if layer is None:
             be = self._backend_for(device)
-            tdt = _TO_TORCH[dt]
             ws = self.weight_scale.detach().to(tdt)
             if not bool(torch.isfinite(ws).all() and (ws > 0).all()):
                 raise InvalidProblem(
@@ -240,7 +248,7 @@ class QLinear(nn.Module):
             bias = None if self.bias is None else _host_copy(self.bias.detach().to(tdt))
             layer = QuantizedLinear(_host_copy(self.weight_q), _host_copy(ws), bias,
                                     backend=be, q_min=self.q_min, q_max=self.q_max)
-            self._layers[(dt, device)] = layer
+            self._layers[(tdt, device)] = layer
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -263,7 +271,9 @@ class QLinear(nn.Module):
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         with self._lock:
-            layer = self.backend_layer(x.dtype, x.device)
+            layer = self._layers.get((x.dtype, x.device))
+            if layer is None or self._buffers_key() != self._layers_key:
+                layer = self.backend_layer(x.dtype, x.device)
             y = self._run(layer, x2)
         if torch.is_grad_enabled() and x.requires_grad:
             y = _InferenceOnly.apply(x, y)
@@ -275,7 +285,10 @@ class QLinear(nn.Module):
         if x2.device.type == "cpu":
             if be.name == "cpu":
                 y = torch.empty((m, self.out_features), dtype=x2.dtype)
-                layer.forward(to_numpy_view(x2), out=to_numpy_view(y))
+                if x2.dtype == torch.bfloat16:
+                    layer.forward(to_numpy_view(x2), out=to_numpy_view(y))
+                else:
+                    layer.forward(x2.numpy(), out=y.numpy())
                 return y
             # Another backend on host tensors: its own upload/download, like numpy callers.
             return _from_numpy(layer(to_numpy_view(x2)))
