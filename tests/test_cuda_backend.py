@@ -1,0 +1,257 @@
+"""The cuda backend's host side, without a GPU: availability, argument marshalling,
+tensor wrapping and kernel choice. (On a GPU the shared suite runs it for real.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import qlinear as ql
+from qlinear.backends import cuda as qc
+from qlinear.tensors import Tensor
+
+
+def _driver_present() -> bool:
+    return qc._find_driver() is not None
+
+
+@pytest.mark.skipif(_driver_present(), reason="an NVIDIA driver is installed here")
+def test_unavailable_without_a_driver_says_why():
+    with pytest.raises(ql.BackendUnavailable) as info:
+        qc.create()
+    e = info.value
+    assert e.backend == "cuda" and "no NVIDIA driver (libcuda) found" in e.reason
+    assert e.install
+    status = {s.name: s for s in ql.backend_status()}["cuda"]
+    assert not status.available and "libcuda" in status.reason
+    # The best backend is then another one, and asking for cuda by name says why.
+    assert ql.backend().name != "cuda"
+    with pytest.raises(ql.BackendUnavailable, match="libcuda"):
+        ql.backend("cuda")
+
+
+@pytest.mark.skipif(_driver_present(), reason="an NVIDIA driver is installed here")
+def test_qlinear_info_shows_the_reason():
+    out = subprocess.run([sys.executable, "-m", "qlinear", "info"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "[cuda]" in out.stdout and "libcuda" in out.stdout
+
+
+def test_importing_the_backend_does_not_touch_the_driver():
+    code = ("import sys, qlinear.backends.cuda as c; "
+            "assert 'cuda.core' not in sys.modules, 'cuda.core imported eagerly'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ---------------------------------------------------------------------------------
+# __cuda_array_interface__ parsing
+
+
+class FakeCAI:
+    def __init__(self, **cai):
+        self.__cuda_array_interface__ = {"version": 3, "strides": None, "data": (0, False), **cai}
+
+
+def test_cai_view_contiguous_and_strided():
+    ptr, shape, strides, dtype, ro = qc._cai_view(
+        FakeCAI(shape=(3, 4), typestr="<f2", data=(4096, False)), "x")
+    assert (ptr, shape, strides, dtype, ro) == (4096, (3, 4), (4, 1), ql.f16, False)
+    ptr, shape, strides, dtype, ro = qc._cai_view(
+        FakeCAI(shape=(3, 4), typestr="<f4", strides=(32, 4), data=(256, True)), "x")
+    assert (shape, strides, dtype, ro) == ((3, 4), (8, 1), ql.f32, True)
+    assert qc._cai_view(FakeCAI(shape=(5,), typestr="|i1"), "x")[3] == ql.s8
+    assert qc._cai_view(FakeCAI(shape=(5,), typestr="<f8"), "x")[3] == ql.f64
+
+
+@pytest.mark.parametrize("cai,match", [
+    (dict(shape=(2,), typestr="<i4"), "typestr"),
+    (dict(shape=(2,), typestr=">f4"), "typestr"),
+    (dict(shape=(2,), typestr="<V2"), "typestr"),
+    (dict(shape=(2,), typestr="<f4", mask=object()), "mask"),
+    (dict(shape=(2, 2), typestr="<f4", strides=(6, 2)), "multiples"),
+])
+def test_cai_view_rejects(cai, match):
+    with pytest.raises(ql.InvalidProblem, match=match) as info:
+        qc._cai_view(FakeCAI(**cai), "activation")
+    assert "activation" in str(info.value)
+
+
+def test_cai_view_without_interface():
+    class Refuses:
+        @property
+        def __cuda_array_interface__(self):
+            raise TypeError("bfloat16 is not supported")  # what torch does for bf16
+
+    assert qc._cai_view(Refuses(), "x") is None
+    assert qc._cai_view(object(), "x") is None
+
+
+# ---------------------------------------------------------------------------------
+# A backend around a fake device: everything but the driver.
+
+
+class FakeProps:
+    multiprocessor_count = 132
+    max_shared_memory_per_block = 49152
+
+
+class FakeDevice:
+    device_id = 0
+    compute_capability = (9, 0)
+    properties = FakeProps()
+    name = "Fake H100"
+    default_stream = "default-stream"
+
+    def set_current(self):
+        return None
+
+
+@pytest.fixture
+def fake_backend(monkeypatch):
+    monkeypatch.setattr(qc, "_nvrtc_archs", lambda: (75, 80, 86, 89, 90, 100, 120))
+    be = qc.CudaBackend(FakeDevice())
+    launches = []
+    monkeypatch.setattr(be, "kernel", lambda spec: spec)
+    monkeypatch.setattr(be, "launch", lambda spec, grid, stream, *args:
+                        launches.append((spec, grid, stream, args)))
+    be.launches = launches
+    return be
+
+
+def _tensor(be, shape, dtype, ptr):
+    return be._tensor(shape, dtype, ptr, owner=None)
+
+
+def test_fake_backend_facts(fake_backend):
+    be = fake_backend
+    assert be.name == "cuda" and be.is_gpu and be.device_id == "cuda:0"
+    assert be.arch == "sm_90a" and be.sm_count == 132
+    assert "Fake H100" in be.device_name and "9.0" in be.device_name
+
+
+def test_stream_argument_errors_before_the_driver(fake_backend):
+    assert fake_backend.stream(None) == "default-stream"
+    with pytest.raises(ql.InvalidProblem, match="stream"):
+        fake_backend.stream("not a stream")
+    with pytest.raises(ql.InvalidProblem, match="stream"):
+        fake_backend.stream(1.5)
+
+
+def test_wrap(fake_backend, monkeypatch):
+    be = fake_backend
+    monkeypatch.setattr(be, "_pointer_device", lambda ptr: "cuda:0")
+    t = be.wrap(FakeCAI(shape=(2, 8), typestr="<f2", data=(1 << 20, False)), name="activation")
+    assert isinstance(t, Tensor)
+    assert (t.backend, t.device, t.shape, t.dtype, t.strides) == ("cuda", "cuda:0", (2, 8), ql.f16, (8, 1))
+    assert t.memory == "cuda:0" and t.byte_offset == 1 << 20 and not t.readonly
+    assert be.wrap(t) is t
+    with pytest.raises(ql.InvalidProblem, match="numpy array"):
+        be.wrap(np.zeros(3, np.float32), name="activation")
+    with pytest.raises(ql.InvalidProblem, match="weight_q"):
+        be.wrap(object(), name="weight_q")
+    n = be.narrow(_tensor(be, (5, 3), ql.f32, 4096), 2)
+    assert n.shape == (2, 3) and n.byte_offset == 4096 and n.memory == "cuda:0"
+
+
+def test_aliasing_is_seen_through_device_pointers(fake_backend):
+    """Views of one allocation (or of two overlapping ones) overlap by address."""
+    be = fake_backend
+    a = _tensor(be, (4, 4), ql.f32, 1 << 20)
+    b = _tensor(be, (2, 4), ql.f32, (1 << 20) + 32)
+    c = _tensor(be, (2, 4), ql.f32, (1 << 20) + 64)
+    assert a.overlaps(b) and b.overlaps(a) and not a.overlaps(c) and not b.overlaps(c)
+
+
+def _linear(be, m, n, k, dtype, bias=True, misalign=0):
+    desc = ql.QuantizedLinearDescriptor(m=m, c_out=n, k=k, dtype=dtype)
+    kern = be.linear_kernel(desc)
+    base = 1 << 30
+    t = {
+        "activation": _tensor(be, (m, k), dtype, base + misalign),
+        "weight_q": _tensor(be, (n, k), ql.s8, base + (1 << 24)),
+        "weight_scale": _tensor(be, (n,), dtype, base + (2 << 24)),
+        "output": _tensor(be, (m, n), dtype, base + (3 << 24)),
+        "act_q_scratch": _tensor(be, (m, k), ql.s8, base + (4 << 24)),
+        "act_scale_scratch": _tensor(be, (m,), dtype, base + (5 << 24)),
+        "bias": _tensor(be, (n,), dtype, base + (6 << 24)) if bias else None,
+    }
+    be.launches.clear()
+    kern.run(t, stream=None)
+    return kern, t, list(be.launches)
+
+
+def test_linear_run_launches_act_then_gemm_without_syncing(fake_backend):
+    be = fake_backend
+    kern, t, launches = _linear(be, 4096, 14336, 4096, ql.bf16)
+    assert [spec.source for spec, *_ in launches] == ["act_quant.cu", "gemm_mma.cu"]
+    (act, act_grid, s1, act_args), (gemm, gemm_grid, s2, gemm_args) = launches
+    assert s1 == s2 == "default-stream"
+    assert act_grid == (4096,) and act.args[2:4] == ("false", "true")  # block per row, vec16
+    assert act_args[:3] == (t["activation"].byte_offset, t["act_q_scratch"].byte_offset,
+                            t["act_scale_scratch"].byte_offset)
+    assert [int(v) for v in act_args[3:]] == [4096, 4096, -127, 127]
+    assert all(isinstance(v, np.int32) for v in act_args[3:])
+    assert gemm.args[0] == "__nv_bfloat16" and gemm.args[-1] == "true"
+    assert gemm_grid == (32 * 112,)
+    assert gemm_args[:6] == tuple(t[k].byte_offset for k in (
+        "act_q_scratch", "act_scale_scratch", "weight_q", "weight_scale", "bias", "output"))
+    assert [int(v) for v in gemm_args[6:]] == [4096, 14336, 4096, 1]
+    assert "gemm_mma_128x128" in kern.sku and kern.sku.startswith("cuda.sm_90a.")
+
+
+def test_decode_shape_takes_the_split_k_kernel(fake_backend):
+    kern, t, launches = _linear(fake_backend, 1, 4096, 4096, ql.f16, bias=False)
+    gemm, grid = launches[1][0], launches[1][1]
+    assert gemm.source == "gemv_mma.cu" and grid == (512, 1)
+    assert launches[1][3][4] == 0  # no bias: a null pointer
+    assert "decode" in kern.sku
+    kern, t, launches = _linear(fake_backend, 16, 14336, 4096, ql.f16)
+    assert launches[1][0].args[2] == "4" and launches[1][1] == (448, 1)
+
+
+def test_misaligned_tensors_take_the_exact_fallbacks(fake_backend):
+    kern, t, launches = _linear(fake_backend, 8, 64, 256, ql.f16, misalign=2)
+    act = launches[0][0]
+    assert act.args[3] == "false", "an activation off 16-byte alignment must not use vec16 loads"
+    kern, t, launches = _linear(fake_backend, 40, 64, 33, ql.f32)  # K % 16 != 0
+    assert launches[0][0].args[3] == "false" and launches[1][0].args[-1] == "false"
+    assert "_bytes" in kern.sku
+
+
+def test_odd_output_columns_store_singly(fake_backend):
+    kern, t, launches = _linear(fake_backend, 40, 63, 64, ql.f16)
+    assert int(launches[1][3][-1]) == 0
+
+
+def test_quantize_plan(fake_backend):
+    desc = ql.DynamicRangeQuantizeDescriptor(m=3, k=101, dtype=ql.f64)
+    kern = fake_backend.quantize_kernel(desc)
+    t = {"activation": _tensor(fake_backend, (3, 101), ql.f64, 1 << 20),
+         "act_q": _tensor(fake_backend, (3, 101), ql.s8, 2 << 20),
+         "act_scale": _tensor(fake_backend, (3,), ql.f64, 3 << 20)}
+    fake_backend.launches.clear()
+    kern.run(t)
+    (spec, grid, _, args), = fake_backend.launches
+    assert spec.source == "act_quant.cu" and grid == (1,) and spec.args[:4] == ("double", "256", "true", "false")
+    assert kern.sku == "cuda.sm_90a.rowquant_warp_scalar"
+    assert [int(v) for v in args[3:]] == [3, 101, -127, 127]
+
+
+def test_sm75_uses_dp4a(monkeypatch):
+    monkeypatch.setattr(qc, "_nvrtc_archs", lambda: (75, 80, 86, 89, 90))
+
+    class Turing(FakeDevice):
+        compute_capability = (7, 5)
+
+    be = qc.CudaBackend(Turing())
+    be.launches = []
+    monkeypatch.setattr(be, "kernel", lambda spec: spec)
+    monkeypatch.setattr(be, "launch", lambda spec, grid, stream, *args: be.launches.append((spec, grid)))
+    kern, _, launches = _linear(be, 1, 100, 64, ql.f32)
+    assert launches[1][0].source == "gemm_dp4a.cu" and "decode_gemm_dp4a_16x128" in kern.sku
+    kern, _, launches = _linear(be, 300, 100, 64, ql.f32)
+    assert "gemm_dp4a_128x128" in kern.sku
