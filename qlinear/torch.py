@@ -208,11 +208,15 @@ class QLinear(nn.Module):
                     f"input: expected a CPU tensor or a tensor for backend {be.name!r}, got one "
                     f"on {device}; quantize with backend={device.type!r} (or backend=None, which "
                     f"follows the input's device)")
-            return be
-        if device.type not in ("cpu", "cuda"):
+        elif device.type in ("cpu", "cuda"):
+            be = _get_backend(device.type)
+        else:
+            raise InvalidProblem(f"input: expected a CPU or CUDA tensor, got one on {device}")
+        if device.type == "cuda" and be.device_id != str(device):
             raise InvalidProblem(
-                f"input: expected a CPU or CUDA tensor, got one on {device}")
-        return _get_backend(device.type)
+                f"input: expected a tensor on {be.device_id}, where qlinear's cuda backend "
+                f"runs, got one on {device}")
+        return be
 
     def _buffers_key(self):
         # _version counts in-place writes (load_state_dict, copy_), data_ptr catches .to():
