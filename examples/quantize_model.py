@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import os
 import statistics
 import sys
 import time
@@ -111,6 +112,12 @@ def main(argv=None) -> int:
     print(f"quantize_linears swapped {n} nn.Linear for QLinear (backend {backend.name}: "
           f"{backend.device_name}); {kept} attention out_proj kept in float")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    pools = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    if device.type == "cpu" and torch.get_num_threads() > 1 and not any(map(os.environ.get, pools)):
+        # Measured on 2 cores: the quantized model 3-7x slower than with one pool limited.
+        print("note: torch's OpenMP threads and numpy's BLAS threads (the cpu backend) take "
+              "turns on the same cores and each spin-waits for the other; on few cores set "
+              "OPENBLAS_NUM_THREADS=1 (or OMP_NUM_THREADS=1) for representative timings")
     print()
     rows = [
         ("", f"float ({a.dtype})", "W8A8 (qlinear)"),

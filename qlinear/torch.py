@@ -26,6 +26,12 @@ input's dtype and device, as with torchao's dynamic int8 quantization: an input 
 dtype differs from the layer's runs a second backend layer, built on first use, with
 the same int8 weight and the scales and bias rounded to the input's dtype.
 
+CPU threads: torch's OpenMP pool and numpy's BLAS pool (which the cpu backend uses)
+take turns on the same cores, and each spin-waits for a while after its work; on a
+machine with few cores, limit one of them (``OPENBLAS_NUM_THREADS=1`` or
+``torch.set_num_threads(1)``), or a model mixing float and W8A8 layers runs several
+times slower than either alone.
+
 Limits: inference only (a backward pass through a :class:`QLinear` raises
 :class:`qlinear.Unsupported`); not traceable by ``torch.compile``/TorchScript (the call
 leaves torch); one :class:`QLinear` serialises its calls (its scratch is shared), and on
