@@ -1,0 +1,467 @@
+"""GPU benchmark of qlinear's cuda backend beside torch, on one device, in one run.
+
+    python benchmarks/cuda_bench.py                       # M in {1, 16, 512, 4096} x 4 (K, N) x {f16, bf16}
+    python benchmarks/cuda_bench.py --m 1 16 --kn 4096x4096 --dtype f16
+    python benchmarks/cuda_bench.py --json cuda_bench.json
+
+For every shape, first the qlinear plan's output (and both scratches) is checked bit for
+bit against an exact oracle of the numerical contract (integer accumulation done in
+float64 BLAS, which is exact for these integers; every row for M <= 512, a sample of
+rows spread over all tiles beyond). Then, side by side on the same CUDA stream, timed
+with CUDA events (warm-up, median of --repeats runs; before each run a short spin
+kernel keeps the GPU busy while Python enqueues, so launch overhead is not counted;
+for decode shapes, M <= 16, the L2 cache is flushed before each run):
+
+- qlinear: ``QuantizedLinearPlan.run`` (activation pass + int8 GEMM + fused dequant);
+- torch W8A8: per-token quantization in torch ops, ``torch._int_mm`` (M padded to 32
+  where cuBLASLt refuses M <= 16; the table says so), dequantization + bias;
+- torch ``matmul`` in f16 / bf16 (the floating-point layer it replaces);
+- a device-to-device copy (the copy bandwidth) and, from it, the time to read the int8
+  weight once (the floor for decode shapes);
+- the activation pass alone (``DynamicRangeQuantizePlan``), as GB/s.
+
+Prints a table (time, TOPS, % of the 1979 TOPS dense int8 peak of an H100 SXM, ratios)
+and writes JSON rows with the keys ``m, k, n, dtype, qlinear_ms, torch_w8a8_ms, fp16_ms,
+weight_read_ms, act_pass_gbps, copy_gbps`` (plus details). Tensors are torch tensors
+wrapped zero-copy by the backend, and everything runs on a non-default torch stream.
+Without an NVIDIA GPU (or without the cuda backend) it stops with a clear message and
+exit status 2. Without torch it still times qlinear and leaves the torch columns empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import qlinear as ql  # noqa: E402
+from qlinear.dtypes import as_dtype  # noqa: E402
+
+DEFAULT_M = (1, 16, 512, 4096)
+DEFAULT_KN = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192))
+DEFAULT_DTYPES = ("f16", "bf16")
+#: Dense int8 tensor-core peak of an H100 SXM (TOPS); the sparse figure is twice this.
+INT8_PEAK_TOPS = 1979.0
+DECODE_MAX_M = 16
+#: Rows checked against the oracle beyond this M: a sample (see ``check_rows``).
+FULL_CHECK_MAX_M = 512
+COPY_BYTES = 512 << 20
+SPIN_US = 300
+
+_SPIN_SOURCE = r"""
+extern "C" __global__ void qlinear_bench_spin(long long cycles) {
+    const long long t0 = clock64();
+    while (clock64() - t0 < cycles) { }
+}
+"""
+
+
+class BenchUnavailable(RuntimeError):
+    """The benchmark cannot run here (no GPU, no driver, no cuda backend)."""
+
+
+def parse_args(argv=None):
+    """The command line."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--m", type=int, nargs="+", default=list(DEFAULT_M), help="rows (tokens)")
+    p.add_argument("--kn", nargs="+", default=[f"{k}x{n}" for k, n in DEFAULT_KN],
+                   help="KxN shapes, e.g. 4096x14336")
+    p.add_argument("--dtype", nargs="+", default=list(DEFAULT_DTYPES), choices=["f16", "bf16", "f32"])
+    p.add_argument("--repeats", type=int, default=50, help="timed runs per measurement (median)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--no-check", action="store_true", help="skip the oracle check (not recommended)")
+    p.add_argument("--json", metavar="FILE", help="write the rows as JSON")
+    args = p.parse_args(argv)
+    try:
+        args.kn = [tuple(int(v) for v in s.lower().split("x")) for s in args.kn]
+    except ValueError:
+        p.error(f"--kn: expected shapes like 4096x14336, got {args.kn}")
+    if any(len(s) != 2 or min(s) < 1 for s in args.kn) or min(args.m) < 1:
+        p.error("--m and --kn: expected positive sizes")
+    return args
+
+
+def require_cuda():
+    """The qlinear cuda backend, or :class:`BenchUnavailable` saying why not."""
+    try:
+        return ql.backend("cuda")
+    except ql.BackendUnavailable as e:
+        hint = f" (to enable it: {e.install})" if e.install else ""
+        raise BenchUnavailable(
+            f"cuda_bench.py needs an NVIDIA GPU with qlinear's cuda backend, which is "
+            f"unavailable here: {e.reason}{hint}") from None
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+def git_commit() -> str:
+    """The repository's commit, or ``unknown``."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------------
+# Timing
+
+
+class Timer:
+    """CUDA-event timing on one stream: optional L2 flush, a spin kernel, then the work."""
+
+    def __init__(self, be, stream):
+        from cuda.core import EventOptions, LaunchConfig, ObjectCode, Program, ProgramOptions, launch
+
+        self.be = be
+        self.stream = be.stream(stream)
+        self._launch = launch
+        self._events = EventOptions(timing_enabled=True)
+        program = Program(_SPIN_SOURCE, "c++", ProgramOptions(arch=be.arch))
+        self._spin = program.compile("cubin").get_kernel("qlinear_bench_spin")
+        self._spin_config = LaunchConfig(grid=1, block=1)
+        clock_khz = int(be._device.properties.clock_rate)
+        self._spin_cycles = np.int64(clock_khz * SPIN_US // 1000)
+        l2 = int(be._device.properties.l2_cache_size)
+        self._flush = be.empty((2 * l2,), ql.s8)
+        from cuda.bindings import driver
+
+        self._driver = driver
+        self._stream_handle = int(self.stream.handle)
+
+    def flush_l2(self):
+        """Overwrite twice the L2 size, so the next kernel starts cold."""
+        err, = self._driver.cuMemsetD8Async(self._flush.byte_offset, 0, self._flush.size,
+                                            self._stream_handle)
+        if int(err):
+            raise RuntimeError(f"cuMemsetD8Async failed: {err}")
+
+    def spin(self):
+        """Keep the GPU busy while the host enqueues what follows."""
+        self._launch(self.stream, self._spin_config, self._spin, self._spin_cycles)
+
+    def median_ms(self, fn, repeats: int, warmup: int, flush: bool) -> float:
+        """Median GPU milliseconds of ``fn()`` (which enqueues on this stream)."""
+        for _ in range(warmup):
+            fn()
+        pairs = []
+        for _ in range(repeats):
+            if flush:
+                self.flush_l2()
+            self.spin()
+            start = self.stream.record(options=self._events)
+            fn()
+            end = self.stream.record(options=self._events)
+            pairs.append((start, end))
+        self.stream.sync()
+        return statistics.median(end - start for start, end in pairs)
+
+    def copy_gbps(self, repeats: int, warmup: int) -> float:
+        """Device-to-device copy bandwidth (bytes read + written per second), in GB/s."""
+        n = COPY_BYTES // 2
+        src = self.be.empty((n,), ql.s8)
+        dst = self.be.empty((n,), ql.s8)
+
+        def copy():
+            err, = self._driver.cuMemcpyDtoDAsync(dst.byte_offset, src.byte_offset, n,
+                                                  self._stream_handle)
+            if int(err):
+                raise RuntimeError(f"cuMemcpyDtoDAsync failed: {err}")
+        ms = self.median_ms(copy, repeats, warmup, flush=False)
+        return 2 * n / (ms * 1e-3) / 1e9
+
+
+# ------------------------------------------------------------------------------------
+# Oracle
+
+
+def check_rows(m: int) -> np.ndarray:
+    """Rows compared with the oracle: all up to FULL_CHECK_MAX_M, else both edges of every
+    128-row tile band plus a random sample."""
+    if m <= FULL_CHECK_MAX_M:
+        return np.arange(m)
+    rng = np.random.default_rng(m)
+    edges = np.concatenate([np.arange(0, m, 128), np.arange(127, m, 128), [m - 1]])
+    return np.unique(np.concatenate([edges[:128], rng.choice(m, 128, replace=False)]))
+
+
+def oracle_rows(x, wq_f64_t, ws, bias, dtype):
+    """``(y, q, scale)`` of the contract for the rows ``x``; the integer accumulation in
+    float64 BLAS is exact (integers below 2**31 < 2**53)."""
+    ct = np.float32 if dtype != ql.f64 else np.float64
+    xc = x.astype(ct)
+    amax = np.abs(xc).max(axis=1)
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+        scale = (amax / ct(127)).astype(dtype.numpy)
+    finite = np.isfinite(amax)
+    under = finite & (scale == 0)
+    scale[under] = 1
+    scale[~finite] = np.nan
+    q = np.zeros(x.shape, np.float64)
+    good = finite & ~under
+    q[good] = np.clip(np.rint(xc[good] / scale[good].astype(ct)[:, None]), -127, 127)
+    acc = q @ wq_f64_t
+    with np.errstate(invalid="ignore", over="ignore"):
+        y = (acc.astype(ct) * scale.astype(ct)[:, None]) * ws.astype(ct)
+        if bias is not None:
+            y = y + bias.astype(ct)
+    return y.astype(dtype.numpy), q.astype(np.int8), scale
+
+
+def _bits(a):
+    a = np.ascontiguousarray(a)
+    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+def assert_same(got, want, what):
+    """Bit-identical, NaN where NaN is expected."""
+    gn = np.isnan(got.astype(np.float64))
+    wn = np.isnan(want.astype(np.float64))
+    bad = (gn != wn) | (~wn & (_bits(got) != _bits(want)))
+    if bad.any():
+        i = tuple(np.argwhere(bad)[0])
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.size} differ from the oracle; "
+                             f"first at {i}: got {got[i]!r}, want {want[i]!r}")
+
+
+# ------------------------------------------------------------------------------------
+# One shape
+
+
+class Shape:
+    """The data of one (M, K, N, dtype) case, on the device, plus the runners."""
+
+    def __init__(self, be, torch, m, k, n, dtype, rng):
+        self.be, self.torch = be, torch
+        self.m, self.k, self.n, self.dtype = m, k, n, dtype
+        x = rng.standard_normal((m, k)) * 10.0 ** rng.uniform(-2, 2, size=(m, 1))
+        self.x = x.astype(dtype.numpy)
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        self.wq, self.ws = ql.quantize_weight(w, dtype=dtype)
+        self.bias = rng.standard_normal(n).astype(dtype.numpy)
+        self.w_fp = w.astype(dtype.numpy)
+        self.desc = ql.QuantizedLinearDescriptor(m=m, c_out=n, k=k, dtype=dtype)
+        self.plan = ql.QuantizedLinearPlan.select(be, self.desc)
+        self.qplan = ql.DynamicRangeQuantizePlan.select(be, self.desc.activation_pass)
+        self.args = ql.QuantizedLinearArgs(
+            activation=self._dev(self.x), weight_q=self._dev(self.wq),
+            weight_scale=self._dev(self.ws), output=self._empty((m, n), dtype),
+            act_q_scratch=self._empty((m, k), ql.s8), act_scale_scratch=self._empty((m,), dtype),
+            bias=self._dev(self.bias))
+        self.qargs = ql.DynamicRangeQuantizeArgs(
+            activation=self.args.activation, act_q=self.args.act_q_scratch,
+            act_scale=self.args.act_scale_scratch)
+
+    # Device tensors: torch's (wrapped zero-copy by the backend) when torch is here.
+    def _dev(self, arr):
+        if self.torch is None:
+            return self.be.from_numpy(arr)
+        t = self.torch
+        if arr.dtype == ql.bf16.numpy:
+            return t.from_numpy(arr.view(np.int16)).view(t.bfloat16).cuda()
+        return t.from_numpy(np.ascontiguousarray(arr)).cuda()
+
+    def _empty(self, shape, dtype):
+        if self.torch is None:
+            return self.be.empty(shape, dtype)
+        t = self.torch
+        tdt = {"f16": t.float16, "bf16": t.bfloat16, "f32": t.float32, "f64": t.float64,
+               "s8": t.int8}[dtype.name]
+        return t.empty(shape, dtype=tdt, device="cuda")
+
+    def _host(self, obj, dtype):
+        if self.torch is None:
+            return self.be.to_numpy(obj)
+        arr = obj.detach().cpu()
+        if dtype == ql.bf16:
+            return arr.view(self.torch.int16).numpy().view(ql.bf16.numpy)
+        return arr.numpy()
+
+    def run_qlinear(self, stream):
+        """Enqueue one qlinear run."""
+        self.plan.run(self.args, stream=stream)
+
+    def run_act_pass(self, stream):
+        """Enqueue the activation pass alone."""
+        self.qplan.run(self.qargs, stream=stream)
+
+    def check(self, stream) -> None:
+        """Run once and compare output and scratches with the oracle."""
+        self.run_qlinear(stream)
+        self.be.synchronize()
+        rows = check_rows(self.m)
+        y = self._host(self.args.output, self.dtype)[rows]
+        q = self._host(self.args.act_q_scratch, ql.s8)[rows]
+        s = self._host(self.args.act_scale_scratch, self.dtype)[rows]
+        want_y, want_q, want_s = oracle_rows(self.x[rows], self.wq.astype(np.float64).T,
+                                             self.ws, self.bias, self.dtype)
+        what = f"M={self.m} K={self.k} N={self.n} {self.dtype.name} [{self.plan.sku}]"
+        assert_same(s, want_s, f"act_scale_scratch {what}")
+        if not np.array_equal(q, want_q):
+            raise AssertionError(f"act_q_scratch {what}: differs from the oracle")
+        assert_same(y, want_y, f"output {what}")
+
+    def torch_runners(self):
+        """``(w8a8, matmul, note)``: zero-argument callables enqueueing torch's versions on
+        the current torch stream, and a note on how W8A8 ran (e.g. padding)."""
+        t = self.torch
+        x, bias = self.args.activation, self.args.bias
+        wq = self.args.weight_q          # [N, K] int8, the same memory qlinear reads
+        ws = self.args.weight_scale
+        tdt = x.dtype
+        w_fp_t = self._dev(self.w_fp).t()  # [K, N] view of the [N, K] layer weight
+        m, k = x.shape
+        note = ""
+        rows = m
+        if m <= DECODE_MAX_M:
+            rows = 32
+            note = f"M padded {m}->32 for torch._int_mm (cuBLASLt refuses M <= 16)"
+        q_buf = t.zeros((rows, k), dtype=t.int8, device="cuda")
+        wq_t = wq.t()  # [K, N], column-major: cuBLASLt's preferred int8 layout
+
+        def int_mm(q):
+            if rows != m:
+                q_buf[:m].copy_(q)
+                return t._int_mm(q_buf, wq_t)[:m]
+            return t._int_mm(q, wq_t)
+
+        def w8a8():
+            xc = x.float()
+            amax = xc.abs().amax(dim=1, keepdim=True)
+            scale = t.where(amax > 0, amax / 127, t.ones_like(amax)).to(tdt)
+            q = t.clamp(t.round(xc / scale.float()), -127, 127).to(t.int8)
+            acc = int_mm(q)
+            return ((acc.float() * scale.float()) * ws.float() + bias.float()).to(tdt)
+
+        def matmul():
+            return t.matmul(x, w_fp_t)
+
+        # Exactness of torch's integer GEMM on this shape (a few columns, all rows).
+        q = t.randint(-127, 128, (m, k), dtype=t.int8, device="cuda")
+        got = int_mm(q)[:, :4].cpu().long()
+        want = q.cpu().long() @ wq[:4].cpu().long().t()
+        if not t.equal(got, want):
+            note += ("; " if note else "") + "torch._int_mm NOT exact here"
+        return w8a8, matmul, note
+
+
+def bench_shape(be, torch, timer, stream, m, k, n, dtype, args, copy_gbps, rng):
+    """One table row."""
+    shape = Shape(be, torch, m, k, n, dtype, rng)
+    if not args.no_check:
+        shape.check(stream)
+    flush = m <= DECODE_MAX_M
+    reps, warm = args.repeats, args.warmup
+    row = {"m": m, "k": k, "n": n, "dtype": dtype.name, "sku": shape.plan.sku,
+           "checked_rows": "none" if args.no_check else
+           ("all" if m <= FULL_CHECK_MAX_M else f"{len(check_rows(m))} sampled"),
+           "l2_flushed": flush}
+    row["qlinear_ms"] = timer.median_ms(lambda: shape.run_qlinear(stream), reps, warm, flush)
+    act_ms = timer.median_ms(lambda: shape.run_act_pass(stream), reps, warm, flush)
+    act_bytes = m * k * dtype.itemsize + m * k + m * dtype.itemsize
+    row["act_pass_ms"] = act_ms
+    row["act_pass_gbps"] = act_bytes / (act_ms * 1e-3) / 1e9
+    row["copy_gbps"] = copy_gbps
+    row["weight_read_ms"] = n * k / (copy_gbps * 1e9) * 1e3
+    row["torch_w8a8_ms"] = row["fp16_ms"] = None
+    row["torch_note"] = "torch not installed" if torch is None else ""
+    if torch is not None:
+        w8a8, matmul, note = shape.torch_runners()
+        row["torch_w8a8_ms"] = timer.median_ms(w8a8, reps, warm, flush)
+        row["fp16_ms"] = timer.median_ms(matmul, reps, warm, flush)
+        row["torch_note"] = note
+    ops = 2 * m * k * n
+    row["tops"] = ops / (row["qlinear_ms"] * 1e-3) / 1e12
+    row["pct_int8_peak"] = 100 * row["tops"] / INT8_PEAK_TOPS
+    return row
+
+
+def _ratio(a, b):
+    return "-" if a is None or b is None else f"{a / b:.2f}x"
+
+
+def print_table(rows, device: str, copy_gbps: float) -> None:
+    """The human-readable table."""
+    print(f"\n{device}; copy bandwidth {copy_gbps:.0f} GB/s; int8 peak {INT8_PEAK_TOPS:.0f} TOPS (dense)")
+    head = (f"{'M':>5} {'K':>6} {'N':>6} {'dt':>4} | {'qlinear ms':>10} {'TOPS':>7} {'%peak':>6} | "
+            f"{'w8a8 ms':>8} {'w8a8/ql':>7} | {'fp ms':>8} {'fp/ql':>6} | {'wread ms':>8} "
+            f"{'ql/wread':>8} | {'act GB/s':>8} {'%copy':>6}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        w8 = r["torch_w8a8_ms"]
+        fp = r["fp16_ms"]
+        print(f"{r['m']:>5} {r['k']:>6} {r['n']:>6} {r['dtype']:>4} | {r['qlinear_ms']:>10.4f} "
+              f"{r['tops']:>7.1f} {r['pct_int8_peak']:>5.1f}% | "
+              f"{'-' if w8 is None else f'{w8:.4f}':>8} {_ratio(w8, r['qlinear_ms']):>7} | "
+              f"{'-' if fp is None else f'{fp:.4f}':>8} {_ratio(fp, r['qlinear_ms']):>6} | "
+              f"{r['weight_read_ms']:>8.4f} {_ratio(r['qlinear_ms'], r['weight_read_ms']):>8} | "
+              f"{r['act_pass_gbps']:>8.0f} {100 * r['act_pass_gbps'] / copy_gbps:>5.0f}%")
+    notes = sorted({(r["sku"], r["torch_note"]) for r in rows})
+    for sku, note in notes:
+        if note:
+            print(f"  note: {note}")
+    print("  kernels: " + "; ".join(sorted({r['sku'] for r in rows})))
+
+
+def main(argv=None) -> int:
+    """Run the benchmark; 0 on success, 2 when it cannot run here, 1 on a failed check."""
+    args = parse_args(argv)
+    try:
+        be = require_cuda()
+    except BenchUnavailable as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    torch = _torch()
+    if torch is None:
+        print("note: torch with CUDA is not installed: only qlinear is timed", file=sys.stderr)
+        stream_obj = None
+    else:
+        stream_obj = torch.cuda.Stream()
+        torch.cuda.set_stream(stream_obj)  # torch ops and qlinear runs share it
+    timer = Timer(be, stream_obj)
+    stream = timer.stream if torch is None else stream_obj
+    copy_gbps = timer.copy_gbps(args.repeats, args.warmup)
+    device = be.device_name
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    commit = git_commit()
+    rng = np.random.default_rng(0)
+    rows = []
+    for dt_name in args.dtype:
+        dtype = as_dtype(dt_name)
+        for k, n in args.kn:
+            for m in args.m:
+                try:
+                    row = bench_shape(be, torch, timer, stream, m, k, n, dtype, args, copy_gbps, rng)
+                except AssertionError as e:
+                    print(f"CHECK FAILED: {e}", file=sys.stderr)
+                    return 1
+                row.update(device=device, date=stamp, commit=commit)
+                rows.append(row)
+                print(f"  M={m} K={k} N={n} {dtype.name}: qlinear {row['qlinear_ms']:.4f} ms "
+                      f"[{row['sku']}]", file=sys.stderr)
+    print_table(rows, device, copy_gbps)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+        print(f"wrote {len(rows)} rows to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
