@@ -1,12 +1,13 @@
 """The optional PyTorch adapter: swap ``nn.Linear`` for W8A8 modules that call qlinear.
 
->>> import torch, qlinear.torch as qlt                       # doctest: +SKIP
->>> model = torch.nn.Sequential(torch.nn.Linear(384, 1536), torch.nn.GELU(),
-...                             torch.nn.Linear(1536, 384)).eval()
->>> qlt.quantize_linears(model, backend="cpu")               # returns the count swapped
-2
->>> with torch.inference_mode():
-...     y = model(torch.randn(4, 16, 384))                   # f32 in, f32 out, W8A8 inside
+Example::
+
+    import torch, qlinear.torch as qlt
+    model = torch.nn.Sequential(torch.nn.Linear(384, 1536), torch.nn.GELU(),
+                                torch.nn.Linear(1536, 384)).eval()
+    qlt.quantize_linears(model)              # 2: the count swapped
+    with torch.inference_mode():
+        y = model(torch.randn(4, 16, 384))   # f32 in, f32 out, W8A8 inside
 
 What happens inside a :class:`QLinear`:
 
