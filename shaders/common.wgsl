@@ -177,8 +177,13 @@ fn rint_bits(b: u32) -> i32 {
 // quiet NaN, as numpy's propagation of the reference's NaN scale gives.
 // `zero` is a run-time 0 the compiler cannot see through: xor-ing the product with
 // it keeps the multiply from being fused into the bias add.
-fn dequant_bits(acc: i32, s: u32, ws: u32, bias: u32, has_bias: bool, zero: u32) -> u32 {
-    let prod = (i32_to_f32(acc) * bitcast<f32>(s)) * bitcast<f32>(ws);
+fn dequant_bits(acc: i32, s: u32, ws: u32, bias: u32, has_bias: bool, zero: u32,
+                big_acc: bool) -> u32 {
+    var af = f32(acc);
+    if (big_acc) {
+        af = i32_to_f32(acc);
+    }
+    let prod = (af * bitcast<f32>(s)) * bitcast<f32>(ws);
     var y = bitcast<u32>(prod);
     if (has_bias) {
         y = bitcast<u32>(bitcast<f32>(y ^ zero) + bitcast<f32>(bias));

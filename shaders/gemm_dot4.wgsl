@@ -16,6 +16,11 @@ override WGY: u32 = 16u;  // BM / 4
 var<workgroup> As: array<vec4<u32>, BK * BM / 4u>;
 var<workgroup> Bs: array<vec4<u32>, BK * BN / 4u>;
 
+fn dot4x4(a: u32, b: vec4<u32>) -> vec4<i32> {
+    return vec4<i32>(dot4I8Packed(a, b.x), dot4I8Packed(a, b.y), dot4I8Packed(a, b.z),
+                     dot4I8Packed(a, b.w));
+}
+
 @compute @workgroup_size(WGX, WGY)
 fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     let tx = lid.x;
@@ -23,7 +28,13 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
     let tid = ty * WGX + tx;
     let row0 = wid.y * BM;
     let col0 = wid.x * BN;
-    var acc: array<vec4<i32>, 4>;
+    // Four named registers rather than an array: an array indexed in a loop that a
+    // compiler does not unroll is kept in memory (lavapipe does that), slowing every
+    // multiply-add.
+    var acc0 = vec4<i32>(0);
+    var acc1 = vec4<i32>(0);
+    var acc2 = vec4<i32>(0);
+    var acc3 = vec4<i32>(0);
     for (var k0 = 0u; k0 < p.kw; k0 = k0 + BK) {
         for (var e = tid; e < BM * BK; e = e + WGX * WGY) {
             let r = e / BK;
@@ -47,23 +58,12 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
         for (var kk = 0u; kk < BK; kk = kk + 1u) {
             let a = As[kk * (BM / 4u) + ty];
             let b = Bs[kk * (BN / 4u) + tx];
-            for (var i = 0u; i < 4u; i = i + 1u) {
-                acc[i] = acc[i] + vec4<i32>(dot4I8Packed(a[i], b.x), dot4I8Packed(a[i], b.y),
-                                            dot4I8Packed(a[i], b.z), dot4I8Packed(a[i], b.w));
-            }
+            acc0 = acc0 + dot4x4(a.x, b);
+            acc1 = acc1 + dot4x4(a.y, b);
+            acc2 = acc2 + dot4x4(a.z, b);
+            acc3 = acc3 + dot4x4(a.w, b);
         }
         workgroupBarrier();
     }
-    let c0 = col0 + tx * 4u;
-    for (var i = 0u; i < 4u; i = i + 1u) {
-        let row = row0 + ty * 4u + i;
-        if (row < p.m) {
-            if (c0 < p.n) {
-                store_pair(row, c0, acc[i].x, acc[i].y, c0 + 1u < p.n);
-            }
-            if (c0 + 2u < p.n) {
-                store_pair(row, c0 + 2u, acc[i].z, acc[i].w, c0 + 3u < p.n);
-            }
-        }
-    }
+    store_tile(row0 + ty * 4u, col0 + tx * 4u, acc0, acc1, acc2, acc3);
 }

@@ -25,8 +25,15 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
     let tid = ty * WGX + tx;
     let row0 = wid.y * BM;
     let col0 = wid.x * BN;
-    var acc: array<vec4<i32>, 4>;
-    var accf: array<vec4<f32>, 4>;
+    // Named registers rather than arrays: see gemm_dot4.wgsl.
+    var acc0 = vec4<i32>(0);
+    var acc1 = vec4<i32>(0);
+    var acc2 = vec4<i32>(0);
+    var acc3 = vec4<i32>(0);
+    var f0 = vec4<f32>(0.0);
+    var f1 = vec4<f32>(0.0);
+    var f2 = vec4<f32>(0.0);
+    var f3 = vec4<f32>(0.0);
     var done = 0u;  // words accumulated in accf
     for (var k0 = 0u; k0 < p.kw; k0 = k0 + BK) {
         for (var e = tid; e < BM * BK; e = e + WGX * WGY) {
@@ -53,34 +60,29 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
             let b1 = Bs[kk * BN + tx * 4u + 1u];
             let b2 = Bs[kk * BN + tx * 4u + 2u];
             let b3 = Bs[kk * BN + tx * 4u + 3u];
-            for (var i = 0u; i < 4u; i = i + 1u) {
-                let a = As[kk * BM + ty * 4u + i];
-                accf[i] = accf[i] + vec4<f32>(dot(a, b0), dot(a, b1), dot(a, b2), dot(a, b3));
-            }
+            let a0 = As[kk * BM + ty * 4u];
+            let a1 = As[kk * BM + ty * 4u + 1u];
+            let a2 = As[kk * BM + ty * 4u + 2u];
+            let a3 = As[kk * BM + ty * 4u + 3u];
+            f0 = f0 + vec4<f32>(dot(a0, b0), dot(a0, b1), dot(a0, b2), dot(a0, b3));
+            f1 = f1 + vec4<f32>(dot(a1, b0), dot(a1, b1), dot(a1, b2), dot(a1, b3));
+            f2 = f2 + vec4<f32>(dot(a2, b0), dot(a2, b1), dot(a2, b2), dot(a2, b3));
+            f3 = f3 + vec4<f32>(dot(a3, b0), dot(a3, b1), dot(a3, b2), dot(a3, b3));
         }
         done = done + BK;
         if (done >= CHUNK_WORDS) {
-            for (var i = 0u; i < 4u; i = i + 1u) {
-                acc[i] = acc[i] + vec4<i32>(accf[i]);
-                accf[i] = vec4<f32>(0.0);
-            }
+            acc0 = acc0 + vec4<i32>(f0);
+            acc1 = acc1 + vec4<i32>(f1);
+            acc2 = acc2 + vec4<i32>(f2);
+            acc3 = acc3 + vec4<i32>(f3);
+            f0 = vec4<f32>(0.0);
+            f1 = vec4<f32>(0.0);
+            f2 = vec4<f32>(0.0);
+            f3 = vec4<f32>(0.0);
             done = 0u;
         }
         workgroupBarrier();
     }
-    for (var i = 0u; i < 4u; i = i + 1u) {
-        acc[i] = acc[i] + vec4<i32>(accf[i]);
-    }
-    let c0 = col0 + tx * 4u;
-    for (var i = 0u; i < 4u; i = i + 1u) {
-        let row = row0 + ty * 4u + i;
-        if (row < p.m) {
-            if (c0 < p.n) {
-                store_pair(row, c0, acc[i].x, acc[i].y, c0 + 1u < p.n);
-            }
-            if (c0 + 2u < p.n) {
-                store_pair(row, c0 + 2u, acc[i].z, acc[i].w, c0 + 3u < p.n);
-            }
-        }
-    }
+    store_tile(row0 + ty * 4u, col0 + tx * 4u, acc0 + vec4<i32>(f0), acc1 + vec4<i32>(f1),
+               acc2 + vec4<i32>(f2), acc3 + vec4<i32>(f3));
 }

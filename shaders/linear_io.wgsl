@@ -8,6 +8,8 @@
 // than one dispatch or one binding is run block by block.
 
 override HAS_BIAS: bool = false;
+// False when K is small enough that |acc| <= 2^24, where f32(acc) is exact anyway.
+override BIG_ACC: bool = true;
 
 struct LinearParams {
     m: u32,          // rows in this dispatch
@@ -32,26 +34,74 @@ struct LinearParams {
 @group(0) @binding(5) var<storage, read_write> bias: array<TIn>;
 @group(0) @binding(7) var<uniform> p: LinearParams;
 
-fn out_bits(acc: i32, s: u32, col: u32) -> u32 {
+// f32 bits of act_scale[row].
+fn row_scale(row: u32) -> u32 {
+    let i = p.s_base + row;
+    return tin_load(act_scale[tin_slot(i)], i);
+}
+
+// f32 bits of (weight_scale[col], bias[col]); loaded once per column by each invocation.
+fn col_params(col: u32) -> vec2<u32> {
     let iw = p.ws_base + col;
-    let ws = tin_load(wscale[tin_slot(iw)], iw);
     var b = 0u;
     if (HAS_BIAS) {
         let ib = p.bias_base + col;
         b = tin_load(bias[tin_slot(ib)], ib);
     }
-    return tin_round(dequant_bits(acc, s, ws, b, HAS_BIAS, p.zero));
+    return vec2<u32>(tin_load(wscale[tin_slot(iw)], iw), b);
 }
 
-// Dequantize and store y[row, col] (and y[row, col + 1] when `two`), rounding once.
-fn store_pair(row: u32, col: u32, acc0: i32, acc1: i32, two: bool) {
-    let is = p.s_base + row;
-    let s = tin_load(act_scale[tin_slot(is)], is);
+fn out_bits(acc: i32, s: u32, wb: vec2<u32>) -> u32 {
+    return tin_round(dequant_bits(acc, s, wb.x, wb.y, HAS_BIAS, p.zero, BIG_ACC));
+}
+
+// Dequantize and store y[row, col] (and y[row, col + 1] when `two`), rounding once;
+// s = row_scale(row), wb0 / wb1 = col_params(col / col + 1).
+fn store_pair(row: u32, col: u32, s: u32, wb0: vec2<u32>, wb1: vec2<u32>, acc0: i32, acc1: i32,
+              two: bool) {
     let e = p.y_base + row * p.y_stride + col;
-    let t0 = out_bits(acc0, s, col);
+    let t0 = out_bits(acc0, s, wb0);
     if (two) {
-        tout_store2(e, t0, out_bits(acc1, s, col + 1u));
+        tout_store2(e, t0, out_bits(acc1, s, wb1));
     } else {
         tout_store(e, t0);
     }
+}
+
+// Store a row of four accumulators at columns c0..c0+3 (those inside the block).
+fn store_quad(row: u32, c0: u32, s: u32, wb: array<vec2<u32>, 4>, v: vec4<i32>) {
+    if (c0 < p.n) {
+        store_pair(row, c0, s, wb[0], wb[1], v.x, v.y, c0 + 1u < p.n);
+    }
+    if (c0 + 2u < p.n) {
+        store_pair(row, c0 + 2u, s, wb[2], wb[3], v.z, v.w, c0 + 3u < p.n);
+    }
+}
+
+// Dequantize and store a 4 x 4 tile whose rows r0..r0+3 hold accumulators v0..v3
+// for columns c0..c0+3 (those inside the block).
+fn store_tile(r0: u32, c0: u32, v0: vec4<i32>, v1: vec4<i32>, v2: vec4<i32>, v3: vec4<i32>) {
+    if (c0 >= p.n) {
+        return;
+    }
+    let wb = quad_params(c0);
+    if (r0 < p.m) {
+        store_quad(r0, c0, row_scale(r0), wb, v0);
+    }
+    if (r0 + 1u < p.m) {
+        store_quad(r0 + 1u, c0, row_scale(r0 + 1u), wb, v1);
+    }
+    if (r0 + 2u < p.m) {
+        store_quad(r0 + 2u, c0, row_scale(r0 + 2u), wb, v2);
+    }
+    if (r0 + 3u < p.m) {
+        store_quad(r0 + 3u, c0, row_scale(r0 + 3u), wb, v3);
+    }
+}
+
+// Weight scale and bias of columns c0..c0+3, clamped into the block.
+fn quad_params(c0: u32) -> array<vec2<u32>, 4> {
+    let last = p.n - 1u;
+    return array<vec2<u32>, 4>(col_params(min(c0, last)), col_params(min(c0 + 1u, last)),
+                               col_params(min(c0 + 2u, last)), col_params(min(c0 + 3u, last)));
 }

@@ -620,18 +620,24 @@ class WgpuBackend(Backend):
 
     def _choose_quant(self, dtype, k, settings) -> _Choice:
         elem, consts, tag = self._elem(dtype, settings)
-        wg = min(256, self._max_invocations(), max(32, _pow2_at_least(-(-k // 4))))
+        # One workgroup per row; on a CPU adapter (lavapipe) small workgroups are cheaper.
+        cap = 256 if self.is_gpu else 32
+        wg = min(cap, self._max_invocations(), max(32, _pow2_at_least(-(-k // 4))))
         return _Choice(elem=elem, consts=consts, elem_tag=tag, wg=wg)
 
     def _choose_linear(self, desc, settings) -> _Choice:
         elem, consts, tag = self._elem(desc.dtype, settings)
         ip = self._inner_product(settings)
+        # |acc| <= K * 128 * 128: below 2^24 every int32 -> f32 conversion is exact.
+        big_acc = desc.k * 128 * max(-desc.q_min, desc.q_max) > 2**24
         wg_mem = settings["max_workgroup_storage"]
         inv = min(int(self.limits["max-compute-invocations-per-workgroup"]),
                   int(self.limits["max-compute-workgroup-size-x"]) *
                   int(self.limits["max-compute-workgroup-size-y"]))
         if desc.m <= SMALL_M:
-            kl, cg = 32, 8
+            # 32 lanes along K read a weight row coalesced on a GPU; on a CPU adapter
+            # (lavapipe) each invocation is a SIMD lane and fewer, longer ones win.
+            kl, cg = (32, 8) if self.is_gpu else (8, 8)
             while kl * cg > inv and kl > 1:
                 kl //= 2
             mem = 16 * cg * 4
@@ -641,7 +647,8 @@ class WgpuBackend(Backend):
                     f"invocations, the adapter allows {wg_mem} bytes and {inv}")
             name = f"gemv_m{desc.m}_kl{kl}_c{cg}_{ip}"
             return _Choice(kind="gemv", family="gemv", elem=elem, consts=consts, elem_tag=tag,
-                           ip=ip, kl=kl, cg=cg, name=name, bm=SMALL_M, bn=cg, m=max(1, desc.m))
+                           ip=ip, kl=kl, cg=cg, name=name, bm=SMALL_M, bn=cg, m=max(1, desc.m),
+                           big_acc=big_acc)
         word = 16 if ip == "fma" else 4  # bytes per staged word: vec4<f32> or u32
         family = "gemm_f32" if ip == "fma" else "gemm_dot4"
         tried = []
@@ -654,7 +661,8 @@ class WgpuBackend(Backend):
                 if mem <= wg_mem:
                     name = f"gemm_tiled_{bm}x{bm}x{bk * 4}_r4x4_{ip}"
                     return _Choice(kind="tiled", family=family, elem=elem, consts=consts,
-                                   elem_tag=tag, ip=ip, bm=bm, bn=bm, bk=bk, name=name)
+                                   elem_tag=tag, ip=ip, bm=bm, bn=bm, bk=bk, name=name,
+                                   big_acc=big_acc)
         raise Unsupported(
             f"workgroup memory: no GEMM tile fits the adapter's limit of {wg_mem} bytes and "
             f"{inv} invocations per workgroup (tried {', '.join(tried)})")
@@ -664,7 +672,7 @@ class WgpuBackend(Backend):
         return self._pipeline("rowquant", c.elem, consts)
 
     def _gemm_pipeline(self, c: _Choice, has_bias: bool):
-        consts = dict(c.consts, HAS_BIAS=int(has_bias))
+        consts = dict(c.consts, HAS_BIAS=int(has_bias), BIG_ACC=int(c.big_acc))
         if c.kind == "gemv":
             consts.update(KL=c.kl, CG=c.cg, MROWS=c.m, STRATEGY=1 if c.ip == "fma" else 0)
         else:
