@@ -82,6 +82,8 @@ qlinear_act_quant(const T* __restrict__ x, ql::s8_t* __restrict__ q, T* __restri
     __shared__ C red_max[WARPS];
     __shared__ int red_bad[WARPS];
 
+    // The decode kernel that consumes q may launch now and stream its weights meanwhile.
+    allow_dependents();
     const int lane = WARP_ROWS ? static_cast<int>(threadIdx.x & 31) : static_cast<int>(threadIdx.x);
     const s64_t row = WARP_ROWS ? static_cast<s64_t>(blockIdx.x) * WARPS + (threadIdx.x >> 5)
                                 : static_cast<s64_t>(blockIdx.x);

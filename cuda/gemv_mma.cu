@@ -4,8 +4,8 @@
 // A block owns 16 rows (blockIdx.y) x NG * 8 columns (blockIdx.x) and splits K across
 // its WARPS warps (split-K inside the block: no workspace, no atomics). Each warp
 // streams its share of K straight from global memory with 16-byte loads, U chunks of
-// 64 bytes at a time so that many loads are in flight, and feeds mma.sync from
-// registers (one 16-byte load per row serves two m16n8k32 steps, see
+// 64 bytes at a time, the weights one step ahead (register double buffering), and
+// feeds mma.sync from registers (one 16-byte load per row serves two m16n8k32 steps, see
 // qlinear_common.cuh). The int32 partials of the warps are summed in shared memory in
 // a fixed order (integers: exact, so deterministic) before the float epilogue.
 //
@@ -50,21 +50,41 @@ qlinear_gemv_mma(const ql::s8_t* __restrict__ A, const T* __restrict__ a_scale,
 
     const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
     const int chunks = (K + 63) / 64;
-    for (int c0 = warp * U; c0 < chunks; c0 += WARPS * U) {
-        uint4 fa[U], fb[U], fw[U][NG];
-        // All loads of the step first, then the MMAs: U * (NG + 2) loads in flight.
+    // The weights of step c (chunks c .. c + U - 1), zero past K (no load is issued there).
+    auto load_w = [&](uint4 (&fw)[U][NG], int c) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int k = (c + u) * 64 + 16 * t;
+#pragma unroll
+            for (int j = 0; j < NG; ++j) fw[u][j] = vn[j] ? load16<ALIGNED>(wr[j], k, K) : zero;
+        }
+    };
+
+    // Weights do not depend on the activation pass: the first step's are requested
+    // before waiting for it (under programmatic dependent launch they stream while it
+    // runs). Then each step requests the next step's weights before its MMAs, so
+    // U * (2 * NG + 2) 16-byte loads per lane are in flight.
+    int c0 = warp * U;
+    uint4 fw[U][NG];
+    load_w(fw, c0);
+    wait_for_producer();
+    for (; c0 < chunks; c0 += WARPS * U) {
+        uint4 fa[U], fb[U], nw[U][NG];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int k = (c0 + u) * 64 + 16 * t;
             fa[u] = va ? load16<ALIGNED>(ra, k, K) : zero;
             fb[u] = vb ? load16<ALIGNED>(rb, k, K) : zero;
-#pragma unroll
-            for (int j = 0; j < NG; ++j) fw[u][j] = vn[j] ? load16<ALIGNED>(wr[j], k, K) : zero;
         }
+        load_w(nw, c0 + WARPS * U);
 #pragma unroll
         for (int u = 0; u < U; ++u)
 #pragma unroll
             for (int j = 0; j < NG; ++j) mma_s8_k64(acc[j], fa[u], fb[u], fw[u][j]);
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int j = 0; j < NG; ++j) fw[u][j] = nw[u][j];
     }
 
 #pragma unroll

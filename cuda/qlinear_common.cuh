@@ -217,6 +217,22 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// Programmatic dependent launch (sm_90+). A kernel launched with the programmatic
+// stream serialization attribute may start while the previous kernel on the stream is
+// still running; wait_for_producer() blocks until that kernel has finished and its
+// writes are visible. Without the attribute (or before sm_90) both are no-ops, so
+// stream order alone keeps the kernels correct.
+__device__ __forceinline__ void wait_for_producer() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // Grouped rasterisation of a 1-D grid over (tiles_m x tiles_n): consecutive blocks
 // share weight tiles and a band of activation rows, which keeps both in L2.
 __device__ __forceinline__ void tile_coords(int pid, int tiles_m, int tiles_n, int& tm, int& tn) {

@@ -189,3 +189,52 @@ def test_ptxas_report_parses_the_log():
            "ptxas info    : Used 40 registers, used 0 barriers\n")
     assert qc.ptxas_report(log) == {"_Z3fooPf": {"arch": "sm_90a", "stack": 8, "spill_stores": 4,
                                                   "spill_loads": 4, "registers": 40}}
+
+
+def _ptx(source: str, name: str, arch: str) -> str:
+    """PTX of one kernel through NVRTC directly (cuda.core's compile('ptx') wants a driver)."""
+    from cuda.bindings import nvrtc
+    from cuda.core import ProgramOptions
+
+    kwargs, _ = qc._header_options()
+    opts = ProgramOptions(arch=arch.replace("sm_", "compute_"), std="c++17", ftz=False,
+                          prec_div=True, prec_sqrt=True, **kwargs).as_bytes("nvrtc")
+    err, prog = nvrtc.nvrtcCreateProgram(qc.expand_source(source).encode(), source.encode(), 0, [], [])
+    assert int(err) == 0
+    try:
+        nvrtc.nvrtcAddNameExpression(prog, name.encode())
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), list(opts))
+        assert int(err) == 0, f"{name} does not compile for {arch}"
+        _, size = nvrtc.nvrtcGetPTXSize(prog)
+        buf = b" " * size
+        nvrtc.nvrtcGetPTX(prog, buf)
+        return buf.rstrip(b"\0 ").decode()
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+@pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_90a"])
+@pytest.mark.parametrize("dtype", ["f16", "f64"])
+def test_ptx_follows_the_contract(arch, dtype):
+    """IEEE division and round-to-nearest-even in the activation pass, no FMA contraction
+    anywhere, the integer MMA / cp.async / dp4a instructions the design names, and
+    programmatic dependent launch only on sm_90+."""
+    from qlinear.dtypes import as_dtype
+
+    dt = as_dtype(dtype)
+    sel = qc.select_linear(1, 4096, 4096, dt, arch, 132)
+    big = qc.select_linear(4096, 4096, 4096, dt, arch, 132)
+    suffix = "f32" if dtype == "f16" else "f64"
+    act = _ptx(sel.act.source, sel.act.name_expression, arch)
+    assert f"div.rn.{suffix}" in act and f"cvt.rni.{suffix}.{suffix}" in act
+    assert f"fma.rn.{suffix}" not in act
+    for spec in (sel.gemm, big.gemm):
+        ptx = _ptx(spec.source, spec.name_expression, arch)
+        assert f"fma.rn.{suffix}" not in ptx and f"mul.rn.{suffix}" in ptx
+        if qc.arch_number(arch) >= 80:
+            assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in ptx
+            assert ("griddepcontrol.wait" in ptx) == (spec.pdl and qc.arch_number(arch) >= 90)
+        else:
+            assert "dp4a.s32.s32" in ptx and "mma.sync" not in ptx and "cp.async" not in ptx
+    if qc.arch_number(arch) >= 80:
+        assert "cp.async.cg.shared.global" in _ptx(big.gemm.source, big.gemm.name_expression, arch)

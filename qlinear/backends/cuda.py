@@ -129,6 +129,9 @@ class KernelSpec:
         args: template arguments, as C++ text.
         threads: threads per block it is compiled for (``__launch_bounds__``).
         label: a short name for ``plan.sku``.
+        pdl: launched with programmatic dependent launch on sm_90+ (it waits for the
+            previous kernel itself, with ``griddepcontrol.wait``, after loads that do
+            not depend on it).
     """
 
     source: str
@@ -136,6 +139,7 @@ class KernelSpec:
     args: tuple
     threads: int
     label: str
+    pdl: bool = False
 
     @property
     def name_expression(self) -> str:
@@ -184,7 +188,7 @@ def gemv_spec(dtype: DType, ngroups: int, aligned: bool) -> KernelSpec:
                        str(_gemv_unroll(ngroups)), _b(aligned)),
                       _GEMV_WARPS * 32,
                       f"decode_gemv_mma_n{8 * ngroups}_splitk{_GEMV_WARPS}"
-                      f"{'' if aligned else '_bytes'}")
+                      f"{'' if aligned else '_bytes'}", pdl=True)
 
 
 def dp4a_spec(dtype: DType, tile: str, aligned: bool) -> KernelSpec:
@@ -683,6 +687,8 @@ class CudaBackend(Backend):
         self._configs: dict[tuple, Any] = {}
         self._streams: dict[int, Any] = {}
         self._lock = threading.RLock()
+        # Programmatic dependent launch, until a launch with it is refused.
+        self._pdl = os.environ.get("QLINEAR_CUDA_PDL", "1") != "0"
 
     # -- device ----------------------------------------------------------------------
     @property
@@ -720,7 +726,12 @@ class CudaBackend(Backend):
         s = self._streams.get(handle)
         if s is None:
             self._current()
-            s = self._Stream.from_handle(handle)
+            if handle in (0, 1):  # NULL / CU_STREAM_LEGACY: the legacy default stream
+                from cuda.core import LEGACY_DEFAULT_STREAM as s
+            elif handle == 2:  # CU_STREAM_PER_THREAD
+                from cuda.core import PER_THREAD_DEFAULT_STREAM as s
+            else:
+                s = self._Stream.from_handle(handle)
             if len(self._streams) > 64:
                 self._streams.clear()
             self._streams[handle] = s
@@ -764,17 +775,34 @@ class CudaBackend(Backend):
             self._kernels[spec.name_expression] = k
             return k
 
-    def launch(self, spec: KernelSpec, grid: tuple, stream, *args) -> None:
-        """Launch ``spec`` on ``grid`` blocks of ``spec.threads`` threads on ``stream``
-        (anything :meth:`stream` accepts) with ``args``; asynchronous."""
-        kernel = self.kernel(spec)
-        key = (grid, spec.threads)
+    def _config(self, grid: tuple, threads: int, pdl: bool):
+        key = (grid, threads, pdl)
         config = self._configs.get(key)
         if config is None:
-            config = self._configs[key] = self._LaunchConfig(grid=grid, block=spec.threads)
+            kwargs = {"programmatic_stream_serialization": True} if pdl else {}
+            config = self._configs[key] = self._LaunchConfig(grid=grid, block=threads, **kwargs)
+        return config
+
+    def launch(self, spec: KernelSpec, grid: tuple, stream, *args) -> None:
+        """Launch ``spec`` on ``grid`` blocks of ``spec.threads`` threads on ``stream``
+        (anything :meth:`stream` accepts) with ``args``; asynchronous.
+
+        Kernels marked ``pdl`` use programmatic dependent launch on sm_90+ where the
+        driver and cuda.core accept it (they wait for their producer themselves); if the
+        launch is refused, they fall back to plain stream order from then on."""
+        kernel = self.kernel(spec)
         s = self.stream(stream)
+        pdl = spec.pdl and self._pdl and arch_number(self.arch) >= 90
         try:
-            self._launch(s, config, kernel, *args)
+            self._launch(s, self._config(grid, spec.threads, pdl), kernel, *args)
+            return
+        except Exception as e:
+            if not pdl:
+                raise DeviceError(f"launching {spec.name_expression} on grid {grid} failed",
+                                  native=str(e)) from None
+            self._pdl = False
+        try:
+            self._launch(s, self._config(grid, spec.threads, False), kernel, *args)
         except Exception as e:
             raise DeviceError(f"launching {spec.name_expression} on grid {grid} failed",
                               native=str(e)) from None
