@@ -46,7 +46,7 @@ def _plan(be, m, n, k, dtype, **settings):
 
 
 def _dispatch_count(plan):
-    (d,) = plan._kernel._runs.values()
+    (d,) = plan._kernel._runs.entries.values()
     return len(d.items)
 
 
@@ -117,8 +117,9 @@ def test_f16_subnormal_scales_and_inputs(be, rng, storage):
                 rng.standard_normal(n).astype(np.float16), dtype, rng)
 
 
+@pytest.mark.parametrize("exact_only", [False, True], ids=["mixed", "exact"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=[d.name for d in DTYPES])
-def test_rounding_ties_and_specials(be, rng, dtype):
+def test_rounding_ties_and_specials(be, rng, dtype, exact_only):
     """x / scale exactly on .5 (round half to even), NaN / Inf rows, zero rows, subnormals."""
     m, k, n = 8, 24, 10
     x = random_activation(rng, m, k, dtype)
@@ -133,8 +134,41 @@ def test_rounding_ties_and_specials(be, rng, dtype):
     if dtype != ql.f16:
         x[5] = (rng.standard_normal(k) * 1e-39).astype(dtype.numpy)  # f32 / bf16 subnormals
     x = x.astype(dtype.numpy)
-    _linear(be, x, random_weight(rng, n, k), random_scale(rng, n, dtype),
-            rng.standard_normal(n).astype(dtype.numpy), dtype, rng)
+    with be.configured(quantize_exact_only=exact_only):
+        _linear(be, x, random_weight(rng, n, k), random_scale(rng, n, dtype),
+                rng.standard_normal(n).astype(dtype.numpy), dtype, rng)
+
+
+@pytest.mark.parametrize("exact_only", [False, True], ids=["mixed", "exact"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=[d.name for d in DTYPES])
+def test_quantization_near_rounding_edges(be, rng, dtype, exact_only):
+    """Many quotients x / scale within a few ulps of k + 0.5, where a float division or
+    a reciprocal may round the other way: the exact path must agree with the oracle
+    (forced for every element too, since an adapter's division may happen to be exact)."""
+    m, k = 64, 512
+    q_max = 127
+    rows = []
+    for _ in range(m):
+        amax = np.float32(rng.uniform(0.5, 4.0))
+        s = (np.array([amax], np.float32) / np.float32(q_max)).astype(dtype.numpy)
+        s32 = np.float32(s[0])
+        t = rng.integers(-127, 127, k) + 0.5
+        eps = rng.choice([-3, -2, -1, 0, 1, 2, 3], k) * 2.0 ** -20 * np.abs(t)
+        row = ((t + eps) * np.float64(s32)).astype(np.float32)
+        row[0] = amax
+        rows.append(row)
+    x = np.array(rows).astype(dtype.numpy)
+    desc = ql.DynamicRangeQuantizeDescriptor(m=m, k=k, dtype=dtype)
+    with be.configured(quantize_exact_only=exact_only):
+        plan = ql.DynamicRangeQuantizePlan.select(be, desc)
+    assert ("_exact" in plan.sku) == exact_only
+    args = ql.DynamicRangeQuantizeArgs(activation=be.from_numpy(x),
+                                       act_q=poisoned(be, (m, k), ql.s8, rng),
+                                       act_scale=poisoned(be, (m,), dtype, rng))
+    plan.run(args)
+    q, s = oracle_quantize(x, dtype)
+    assert_bitwise_equal(be.to_numpy(args.act_scale), s, dtype.name)
+    assert_bitwise_equal(be.to_numpy(args.act_q).astype(np.int64), q, dtype.name)
 
 
 def test_bf16_output_rounding_is_nearest_even(be, rng):
@@ -413,6 +447,14 @@ def test_f64_is_unsupported_naming_the_dtype(be):
         ql.DynamicRangeQuantizePlan.select(be, ql.DynamicRangeQuantizeDescriptor(2, 2, ql.f64))
 
 
+def test_no_adapter_is_backend_unavailable(be, monkeypatch):
+    from qlinear.backends import wgpu as wgpu_backend
+    monkeypatch.setattr(be._wgpu.gpu, "request_adapter_sync", lambda **kw: None)
+    with pytest.raises(ql.BackendUnavailable, match="no adapter") as e:
+        wgpu_backend.create()
+    assert "mesa-vulkan-drivers" in e.value.install
+
+
 def test_device_errors_carry_wgpus_message(be, rng):
     with pytest.raises(ql.DeviceError, match="compiling") as e:
         be.compile_wgsl("fn main( { }", label="broken")
@@ -442,6 +484,28 @@ def test_pipelines_are_cached_per_device(be):
     after = be.cache_info()
     assert after["pipelines"] == before["pipelines"] + 1
     assert after["modules"] == before["modules"]
+
+
+def test_run_cache_forgets_collected_buffers(be, rng):
+    import gc
+    m, k, n, dtype = 2, 8, 4, ql.f32
+    plan = ql.QuantizedLinearPlan.select(be, ql.QuantizedLinearDescriptor(m, n, k, dtype))
+    x = random_activation(rng, m, k, dtype)
+    wq, ws = random_weight(rng, n, k), random_scale(rng, n, dtype)
+    keep = _args(be, rng, x, wq, ws, None, dtype)
+    sets = []
+    for _ in range(3):
+        args = _args(be, rng, x, wq, ws, None, dtype)
+        args.weight_q = keep.weight_q
+        plan.run(args)
+        plan.run(args)  # the second run reuses the entry
+        sets.append(args)
+    runs = plan._kernel._runs
+    assert len(runs) == 3
+    del sets[-1], args
+    gc.collect()
+    assert len(runs) == 2  # the last set's buffers are gone, and so is its entry
+    assert len(runs._watched[id(keep.weight_q.memory)]) == 2
 
 
 def test_shader_composition(be):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections import OrderedDict
 from typing import Any, Optional
 
@@ -50,7 +51,7 @@ _FMA_CHUNK_WORDS = 256
 # Stride of the per-dispatch parameter blocks in one uniform buffer: the largest
 # min-uniform-buffer-offset-alignment WebGPU allows.
 _PARAM_STRIDE = 256
-_RUN_CACHE = 8
+_RUN_CACHE = 16
 
 _GEMM_FAMILIES = ("gemm_dot4", "gemm_f32", "gemv")
 # Bindings of each layout: storage buffers, then the uniform at 7.
@@ -158,14 +159,60 @@ class Batch:
 
 
 class _Dispatches:
-    """Everything one run encodes: (pipeline, bind group, grid) in order. Holds the
-    buffers it binds, so that their ids stay unique while it is cached."""
+    """Everything one run encodes: (pipeline, bind group, grid) in order."""
 
-    __slots__ = ("items", "keep")
+    __slots__ = ("items",)
 
-    def __init__(self, items, keep):
+    def __init__(self, items):
         self.items = items
-        self.keep = keep
+
+
+class _RunCache:
+    """Bind groups and parameters per set of tensors, keyed by buffer ids and offsets.
+
+    It holds no Python reference to the buffers: the entries of a buffer are dropped
+    when it is collected (so an id is never reused while cached, and the bind groups,
+    which keep the native buffer alive, go with it). One finalizer per buffer."""
+
+    def __init__(self):
+        self.entries: OrderedDict = OrderedDict()
+        self._watched: dict = {}  # id(buffer) -> keys of the entries that bind it
+
+    def lookup(self, buffers, key, build):
+        d = self.entries.get(key)
+        if d is not None:
+            self.entries.move_to_end(key)
+            return d
+        d = self.entries[key] = build()
+        for buf in buffers:
+            keys = self._watched.get(id(buf))
+            if keys is None:
+                keys = self._watched[id(buf)] = set()
+                weakref.finalize(buf, _forget_buffer, weakref.ref(self), id(buf))
+            keys.add(key)
+        while len(self.entries) > _RUN_CACHE:
+            self._drop(next(iter(self.entries)))
+        return d
+
+    def _drop(self, key) -> None:
+        self.entries.pop(key, None)
+        for bid, _ in key:
+            keys = self._watched.get(bid)
+            if keys is not None:
+                keys.discard(key)
+
+    def forget(self, bid) -> None:
+        for key in list(self._watched.pop(bid, ())):
+            self._drop(key)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def _forget_buffer(ref, bid) -> None:
+    cache = ref()
+    if cache is not None:
+        cache.forget(bid)
 
 
 class _WgpuKernel(Kernel):
@@ -175,18 +222,12 @@ class _WgpuKernel(Kernel):
         self.be = be
         self.desc = desc
         self.settings = dict(be._settings)
-        self._runs: OrderedDict = OrderedDict()
+        self._runs = _RunCache()
 
-    def _cached(self, key, build):
-        d = self._runs.get(key)
-        if d is None:
-            d = build()
-            self._runs[key] = d
-            if len(self._runs) > _RUN_CACHE:
-                self._runs.popitem(last=False)
-        else:
-            self._runs.move_to_end(key)
-        return d
+    def _cached(self, tensors, build):
+        tensors = [t for t in tensors if t is not None]
+        key = tuple((id(t.memory), t.byte_offset) for t in tensors)
+        return self._runs.lookup([t.memory for t in tensors], key, build)
 
     def _encode(self, stream, dispatches: _Dispatches) -> None:
         be = self.be
@@ -235,14 +276,13 @@ class _QuantizeKernel(_WgpuKernel):
     def __init__(self, be, desc):
         super().__init__(be, desc)
         self.choice = be._choose_quant(desc.dtype, desc.k, self.settings)
-        self.sku = f"wgpu.rowquant_wg{self.choice.wg}+{self.choice.elem_tag}"
+        self.sku = f"wgpu.{_quant_name(self.choice)}+{self.choice.elem_tag}"
         self.pipeline = be._quant_pipeline(self.choice, desc.q_min, desc.q_max)
         self.rows_per_dispatch = be._quant_rows_per_dispatch(desc.k, desc.dtype, self.settings)
 
     def run(self, t, stream=None):
         x, q, s = t["activation"], t["act_q"], t["act_scale"]
-        key = (x.memory, x.byte_offset, q.memory, q.byte_offset, s.memory, s.byte_offset)
-        d = self._cached(key, lambda: self.be._quant_dispatches(
+        d = self._cached((x, q, s), lambda: self.be._quant_dispatches(
             self.pipeline, self.desc, self.rows_per_dispatch, x, q, s))
         self._encode(stream, d)
 
@@ -259,7 +299,7 @@ class _LinearKernel(_WgpuKernel):
         super().__init__(be, desc)
         self.choice = c = be._choose_linear(desc, self.settings)
         self.quant_choice = be._choose_quant(desc.dtype, desc.k, self.settings)
-        self.sku = f"wgpu.rowquant_wg{self.quant_choice.wg}+{c.name}+{c.elem_tag}"
+        self.sku = f"wgpu.{_quant_name(self.quant_choice)}+{c.name}+{c.elem_tag}"
         self.quant_pipeline = be._quant_pipeline(self.quant_choice, desc.q_min, desc.q_max)
         self.quant_rows = be._quant_rows_per_dispatch(desc.k, desc.dtype, self.settings)
         self.gemm_pipelines = {has_bias: be._gemm_pipeline(c, has_bias) for has_bias in (False, True)}
@@ -267,8 +307,8 @@ class _LinearKernel(_WgpuKernel):
     def run(self, t, stream=None):
         names = ("activation", "weight_q", "weight_scale", "output", "act_q_scratch",
                  "act_scale_scratch", "bias")
-        key = tuple((None, 0) if t[n] is None else (t[n].memory, t[n].byte_offset) for n in names)
-        d = self._cached(key, lambda: self._build(t))
+        # A bias-less run of the same tensors has its own entry: the key's length differs.
+        d = self._cached([t[n] for n in names], lambda: self._build(t))
         self._encode(stream, d)
 
     def _build(self, t) -> _Dispatches:
@@ -277,7 +317,7 @@ class _LinearKernel(_WgpuKernel):
                                      t["activation"], t["act_q_scratch"], t["act_scale_scratch"])
         gemm = be._gemm_dispatches(self.gemm_pipelines[t["bias"] is not None], self.choice, desc,
                                    t, self.settings)
-        return _Dispatches(quant.items + gemm.items, quant.keep + gemm.keep)
+        return _Dispatches(quant.items + gemm.items)
 
 
 class WgpuBackend(Backend):
@@ -301,6 +341,7 @@ class WgpuBackend(Backend):
         self._settings = {
             "inner_product": None,  # None (per adapter), "dot4" or "fma"
             "f16_storage": None,    # None (native where shader-f16), "native" or "packed"
+            "quantize_exact_only": False,  # every element through the integer division
             "max_storage_binding": int(self.limits["max-storage-buffer-binding-size"]),
             "max_workgroups_per_dim": int(self.limits["max-compute-workgroups-per-dimension"]),
             "max_workgroup_storage": int(self.limits["max-compute-workgroup-storage-size"]),
@@ -333,7 +374,7 @@ class WgpuBackend(Backend):
                     c = self._choose_linear(desc, self._settings)
                     q = self._choose_quant(dt, 4096, self._settings)
                     kernels[f"{label}, K=N=4096, {dt.name}"] = (
-                        f"wgpu.rowquant_wg{q.wg}+{c.name}+{c.elem_tag}")
+                        f"wgpu.{_quant_name(q)}+{c.name}+{c.elem_tag}")
                 except Unsupported as e:
                     kernels[f"{label}, K=N=4096, {dt.name}"] = f"unsupported: {e}"
         kernels["f64"] = "unsupported: WGSL has no 64-bit floats"
@@ -360,7 +401,9 @@ class WgpuBackend(Backend):
         experiments; restored on exit. Keys: ``inner_product`` ("dot4" or "fma"; None =
         per adapter: dot4I8Packed unless the adapter's API is Metal or GL, where naga
         emulates it), ``f16_storage`` ("native" or "packed"; None = native where the
-        adapter has ``shader-f16``), and the limits ``max_storage_binding``,
+        adapter has ``shader-f16``), ``quantize_exact_only`` (True: every activation
+        element takes the integer division that otherwise only settles quotients near a
+        rounding edge), and the limits ``max_storage_binding``,
         ``max_workgroups_per_dim``, ``max_workgroup_storage`` (bytes / counts; lowering
         them exercises the sub-range binding, dispatch splitting and tile fallback
         that big problems need). Plans keep the settings they were selected with."""
@@ -368,7 +411,8 @@ class WgpuBackend(Backend):
         if unknown:
             raise InvalidProblem(f"settings: expected keys among {sorted(self._settings)}, "
                                  f"got {unknown}")
-        allowed = {"inner_product": (None, "dot4", "fma"), "f16_storage": (None, "native", "packed")}
+        allowed = {"inner_product": (None, "dot4", "fma"), "f16_storage": (None, "native", "packed"),
+                   "quantize_exact_only": (False, True)}
         for k, v in settings.items():
             if k in allowed and v not in allowed[k]:
                 raise InvalidProblem(f"{k}: expected one of {allowed[k]}, got {v!r}")
@@ -623,7 +667,8 @@ class WgpuBackend(Backend):
         # One workgroup per row; on a CPU adapter (lavapipe) small workgroups are cheaper.
         cap = 256 if self.is_gpu else 32
         wg = min(cap, self._max_invocations(), max(32, _pow2_at_least(-(-k // 4))))
-        return _Choice(elem=elem, consts=consts, elem_tag=tag, wg=wg)
+        return _Choice(elem=elem, consts=consts, elem_tag=tag, wg=wg,
+                       exact=bool(settings["quantize_exact_only"]))
 
     def _choose_linear(self, desc, settings) -> _Choice:
         elem, consts, tag = self._elem(desc.dtype, settings)
@@ -668,7 +713,7 @@ class WgpuBackend(Backend):
             f"{inv} invocations per workgroup (tried {', '.join(tried)})")
 
     def _quant_pipeline(self, c: _Choice, q_min: int, q_max: int):
-        consts = dict(c.consts, WG=c.wg, Q_MIN=q_min, Q_MAX=q_max)
+        consts = dict(c.consts, WG=c.wg, Q_MIN=q_min, Q_MAX=q_max, EXACT_ONLY=int(c.exact))
         return self._pipeline("rowquant", c.elem, consts)
 
     def _gemm_pipeline(self, c: _Choice, has_bias: bool):
@@ -734,7 +779,7 @@ class WgpuBackend(Backend):
         params = self._params_buffer(blocks)
         items = [(pipeline, self._bind_group("quant", res, params, i, 32), (rows, 1, 1))
                  for i, (res, rows) in enumerate(binds)]
-        return _Dispatches(items, (x.handle, q.handle, s.handle, params))
+        return _Dispatches(items)
 
     def _gemm_dispatches(self, pipeline, c: _Choice, desc, t, settings) -> _Dispatches:
         m, n, k = desc.m, desc.c_out, desc.k
@@ -776,8 +821,7 @@ class WgpuBackend(Backend):
         params = self._params_buffer(blocks)
         items = [(pipeline, self._bind_group("linear", res, params, i, 48), grid)
                  for i, (res, grid) in enumerate(binds)]
-        keep = tuple(x.handle for x in (y, a, w, s, ws, bias) if x is not None) + (params,)
-        return _Dispatches(items, keep)
+        return _Dispatches(items)
 
     # -- kernels -------------------------------------------------------------------
     def linear_kernel(self, desc):
@@ -857,6 +901,10 @@ class WgpuBackend(Backend):
                       else words * 16 * 2)
             out["dot4" if entry == "dot4_peak" else "copy"] = (run, amount)
         return out
+
+
+def _quant_name(c: _Choice) -> str:
+    return f"rowquant_wg{c.wg}" + ("_exact" if c.exact else "")
 
 
 def _usage_names(wgpu_module, usage: int) -> str:
