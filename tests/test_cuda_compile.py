@@ -5,16 +5,14 @@ architecture in :data:`qlinear.backends.cuda.SUPPORTED_ARCHS` and each kernel a 
 choose (every dtype, path, tile configuration and alignment variant), this checks that
 the cubin holds the kernel's symbol (read from its ELF symbol table) and that ptxas
 reports no register spills. One NVRTC program per (source, arch, dtype) instantiates
-many kernels at once; the programs run in a process pool.
+many kernels at once; the programs run in a process pool
+(:func:`qlinear.backends.cuda.compile_all_variants`).
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import struct
-from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
@@ -61,35 +59,17 @@ def elf_function_symbols(binary: bytes) -> set[str]:
     return names
 
 
-def _jobs():
-    groups = defaultdict(list)
-    for arch in qc.SUPPORTED_ARCHS:
-        for spec in qc.kernel_variants(arch):
-            groups[(spec.source, arch, spec.args[0])].append(spec.name_expression)
-    # Largest first, so the pool's tail is short.
-    return sorted(groups.items(), key=lambda kv: (kv[0][0] != "gemm_mma.cu", -len(kv[1])))
-
-
-def _compile(job):
-    (source, arch, _ctype), names = job
-    entry = qc.compile_module(source, names, qc.CompileOptions(arch), KernelCache(None))
-    return job, entry.binary, dict(entry.symbols), entry.log
-
-
 @pytest.fixture(scope="module")
 def compiled():
-    """(arch, name expression) -> (cubin, mangled symbol, ptxas report of that symbol)."""
-    jobs = _jobs()
-    workers = max(1, min(len(jobs), os.cpu_count() or 1, 8))
-    ctx = multiprocessing.get_context("spawn")
+    """(arch, name expression) -> (mangled symbol, cubin function symbols, ptxas report)."""
     results = {}
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        for (key, names), binary, symbols, log in pool.map(_compile, jobs):
-            report = qc.ptxas_report(log)
-            funcs = elf_function_symbols(binary)
-            for name in names:
-                mangled = symbols.get(name)
-                results[(key[1], name)] = (mangled, funcs, report.get(mangled))
+    reports = {}
+    for (arch, name), (spec, entry) in qc.compile_all_variants(workers=min(8, os.cpu_count() or 1)).items():
+        if entry.key not in reports:
+            reports[entry.key] = (qc.ptxas_report(entry.log), elf_function_symbols(entry.binary))
+        report, funcs = reports[entry.key]
+        mangled = entry.symbols.get(name)
+        results[(arch, name)] = (mangled, funcs, report.get(mangled))
     return results
 
 

@@ -5,7 +5,9 @@ The kernels live in the top-level ``cuda/`` folder (shipped inside the wheel):
 - ``act_quant.cu``: the activation pass, fused (row amax, scale, quantization), vectorized;
 - ``gemm_mma.cu``: the int8 GEMM on integer tensor cores (``mma.sync`` m16n8k32 s8,
   int32 accumulators) with a multi-stage ``cp.async`` pipeline, sm_80+;
-- ``gemv_mma.cu``: the small-M (decode) kernel, split-K inside a block, sm_80+;
+- ``gemv_mma.cu``: the small-M (decode) kernel, split-K inside a block, sm_80+; on
+  sm_90+ it is launched with programmatic dependent launch, so its first weight loads
+  overlap the activation pass;
 - ``gemm_dp4a.cu``: the ``__dp4a`` GEMM of sm_75;
 
 each with the dequantization (+ bias) epilogue fused. They are compiled to a cubin for
@@ -51,6 +53,7 @@ __all__ = [
     "SUPPORTED_ARCHS",
     "arch_for",
     "arch_number",
+    "compile_all_variants",
     "compile_module",
     "expand_source",
     "kernel_variants",
@@ -449,6 +452,51 @@ def compile_module(source: str, names: Sequence[str], options: CompileOptions,
     return (cache or default_cache()).get_or_build(parts, build)
 
 
+def _compile_group(job):
+    (source, arch, _ctype), names, directory = job
+    cache = KernelCache(directory)
+    return job, compile_module(source, names, CompileOptions(arch), cache)
+
+
+def compile_all_variants(archs: Sequence[str] = SUPPORTED_ARCHS, *, workers: Optional[int] = None,
+                         cache_dir=None) -> dict:
+    """Compile every kernel of :func:`kernel_variants` for each of ``archs`` (no GPU
+    needed): one NVRTC program per (source, arch, dtype) instantiating all its variants,
+    the programs spread over a pool of ``workers`` processes (default: the CPU count).
+
+    ``cache_dir`` is a kernel-cache folder, or None to keep nothing. Returns
+    ``{(arch, name_expression): (KernelSpec, CacheEntry)}``; raises :class:`DeviceError`
+    on the first compile failure."""
+    import multiprocessing
+    from collections import defaultdict
+    from concurrent.futures import ProcessPoolExecutor
+
+    groups: dict = defaultdict(list)
+    specs = {}
+    for arch in archs:
+        for spec in kernel_variants(arch):
+            groups[(spec.source, arch, spec.args[0])].append(spec.name_expression)
+            specs[(arch, spec.name_expression)] = spec
+    # Largest programs first, so the pool's tail is short.
+    jobs = sorted(((key, names, None if cache_dir is None else str(cache_dir))
+                   for key, names in groups.items()),
+                  key=lambda j: (j[0][0] != "gemm_mma.cu", -len(j[1])))
+    workers = max(1, min(len(jobs), workers or os.cpu_count() or 1))
+    results = {}
+    if workers == 1:
+        outputs = map(_compile_group, jobs)
+        for job, entry in outputs:
+            for name in job[1]:
+                results[(job[0][1], name)] = (specs[(job[0][1], name)], entry)
+        return results
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        for job, entry in pool.map(_compile_group, jobs):
+            for name in job[1]:
+                results[(job[0][1], name)] = (specs[(job[0][1], name)], entry)
+    return results
+
+
 _PTXAS_FUNC = re.compile(r"Compiling entry function '([^']+)' for '([^']+)'")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
@@ -681,6 +729,7 @@ class CudaBackend(Backend):
         self.device_id = f"cuda:{self.ordinal}"
         self.compute_capability = tuple(int(v) for v in device.compute_capability)
         self.arch = arch_for(self.compute_capability, _nvrtc_archs())
+        self._arch_number = arch_number(self.arch)
         self.sm_count = int(device.properties.multiprocessor_count)
         self._kernels: dict[str, Any] = {}
         self._modules: list = []  # loaded ObjectCode, kept alive with their kernels
@@ -792,7 +841,7 @@ class CudaBackend(Backend):
         launch is refused, they fall back to plain stream order from then on."""
         kernel = self.kernel(spec)
         s = self.stream(stream)
-        pdl = spec.pdl and self._pdl and arch_number(self.arch) >= 90
+        pdl = spec.pdl and self._pdl and self._arch_number >= 90
         try:
             self._launch(s, self._config(grid, spec.threads, pdl), kernel, *args)
             return
