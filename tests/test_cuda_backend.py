@@ -255,3 +255,37 @@ def test_sm75_uses_dp4a(monkeypatch):
     assert launches[1][0].source == "gemm_dp4a.cu" and "decode_gemm_dp4a_16x128" in kern.sku
     kern, _, launches = _linear(be, 300, 100, 64, ql.f32)
     assert "gemm_dp4a_128x128" in kern.sku
+
+
+def test_kernel_loads_the_compiled_cubin_by_mangled_name(monkeypatch):
+    """kernel(): compile through the cache, then load by the mangled symbol NVRTC reported."""
+    try:
+        qc.nvrtc_version()
+    except ql.BackendUnavailable as e:
+        pytest.skip(f"NVRTC unavailable: {e.reason}")
+    import cuda.core
+
+    from qlinear.kernel_cache import KernelCache
+
+    loaded = []
+
+    class FakeObjectCode:
+        def __init__(self, binary):
+            self.binary = binary
+
+        @staticmethod
+        def from_cubin(binary, name="", symbol_mapping=None):
+            return FakeObjectCode(binary)
+
+        def get_kernel(self, name):
+            loaded.append((self.binary[:4], name))
+            return f"kernel:{name}"
+
+    monkeypatch.setattr(cuda.core, "ObjectCode", FakeObjectCode)
+    monkeypatch.setattr(qc, "_nvrtc_archs", lambda: (75, 80, 86, 89, 90))
+    be = qc.CudaBackend(FakeDevice(), cache=KernelCache(None))
+    spec = qc.act_spec(ql.f16, True, True)
+    k = be.kernel(spec)
+    assert loaded == [(b"\x7fELF", k.split(":", 1)[1])]
+    assert k.startswith("kernel:_Z17qlinear_act_quantI6__half")
+    assert be.kernel(spec) is k and len(loaded) == 1  # loaded once

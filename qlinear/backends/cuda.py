@@ -812,11 +812,15 @@ class CudaBackend(Backend):
                                    CompileOptions(self.arch), self._cache)
             from cuda.core import ObjectCode
 
+            mangled = entry.symbols.get(spec.name_expression)
+            if not mangled:
+                raise DeviceError(f"NVRTC reported no symbol for {spec.name_expression}")
             self._current()
             try:
-                obj = ObjectCode.from_cubin(entry.binary, name=spec.source,
-                                            symbol_mapping=dict(entry.symbols))
-                k = obj.get_kernel(spec.name_expression)
+                # By its mangled name: symbol_mapping values must be bytes in some
+                # cuda.core versions and str in none, a plain str name works in all.
+                obj = ObjectCode.from_cubin(entry.binary, name=spec.source)
+                k = obj.get_kernel(mangled)
             except Exception as e:
                 raise DeviceError(f"loading {spec.name_expression} ({self.arch} cubin) failed",
                                   native=str(e)) from None
