@@ -289,3 +289,33 @@ def test_kernel_loads_the_compiled_cubin_by_mangled_name(monkeypatch):
     assert loaded == [(b"\x7fELF", k.split(":", 1)[1])]
     assert k.startswith("kernel:_Z17qlinear_act_quantI6__half")
     assert be.kernel(spec) is k and len(loaded) == 1  # loaded once
+
+
+def test_stream_protocols_become_handles(fake_backend, monkeypatch):
+    made = []
+
+    class FakeStream:
+        @staticmethod
+        def from_handle(h):
+            made.append(h)
+            return f"stream:{h}"
+
+    monkeypatch.setattr(fake_backend, "_Stream", FakeStream)
+
+    class Method:
+        def __cuda_stream__(self):
+            return (0, 0x1234)
+
+    class Property:
+        __cuda_stream__ = (0, 0x5678)
+
+    class TorchLike:
+        cuda_stream = 0x9ABC
+
+    assert fake_backend.stream(Method()) == "stream:4660"
+    assert fake_backend.stream(Property()) == "stream:22136"
+    assert fake_backend.stream(TorchLike()) == "stream:39612"
+    assert fake_backend.stream(0x1234) == "stream:4660" and made == [0x1234, 0x5678, 0x9ABC]
+    from cuda.core import LEGACY_DEFAULT_STREAM
+
+    assert fake_backend.stream(0) is LEGACY_DEFAULT_STREAM

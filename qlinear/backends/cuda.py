@@ -763,7 +763,8 @@ class CudaBackend(Backend):
         if isinstance(stream, (int, np.integer)) and not isinstance(stream, bool):
             handle = int(stream)
         elif hasattr(stream, "__cuda_stream__"):
-            handle = int(stream.__cuda_stream__()[1])
+            proto = stream.__cuda_stream__  # a method; a property in early cuda.core
+            handle = int((proto() if callable(proto) else proto)[1])
         elif hasattr(stream, "cuda_stream"):
             handle = int(stream.cuda_stream)
         elif type(stream).__name__ == "CUstream":
