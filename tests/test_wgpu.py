@@ -422,6 +422,27 @@ def test_batch_flush_and_abort(be, rng):
                          "encoder")
 
 
+def test_batch_timestamps(be, rng):
+    m, k, n, dtype = 4, 16, 8, ql.f32
+    plan = ql.QuantizedLinearPlan.select(be, ql.QuantizedLinearDescriptor(m, n, k, dtype))
+    args = _args(be, rng, random_activation(rng, m, k, dtype), random_weight(rng, n, k),
+                 random_scale(rng, n, dtype), None, dtype)
+    if not be.has_timestamps:
+        with pytest.raises(ql.Unsupported, match="timestamp"):
+            be.batch(timestamps=True)
+        return
+    with be.batch(timestamps=True) as b:
+        plan.run(args, stream=b)
+        b.submit()
+        plan.run(args, stream=b)
+    assert b.submitted == 2
+    assert 0 < b.gpu_seconds() < 60
+    with be.batch() as plain:
+        pass
+    with pytest.raises(ql.InvalidProblem, match="timestamps=True"):
+        plain.gpu_seconds()
+
+
 def test_quantize_plan(be, rng):
     for dtype in DTYPES:
         m, k = 4, 29
