@@ -419,7 +419,10 @@ class WgpuBackend(Backend):
             "backend_type": self.backend_type,
             "is_gpu": self.is_gpu,
             "features": sorted(self.features),
-            "limits": dict(self.limits),
+            # The limits a compute library runs into; the rest are about rendering.
+            "limits": {k: v for k, v in self.limits.items()
+                       if k.startswith(("max-compute", "max-storage-buffer", "max-buffer",
+                                        "min-storage", "max-uniform-buffer-binding"))},
             "inner_product": self._inner_product(self._settings),
             "f16_storage": self._f16_native(self._settings) and "native" or "packed",
             "kernels": kernels,
