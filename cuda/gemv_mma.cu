@@ -73,8 +73,9 @@ qlinear_gemv_mma(const ql::s8_t* __restrict__ A, const T* __restrict__ a_scale,
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int k = (c0 + u) * 64 + 16 * t;
-            fa[u] = va ? load16<ALIGNED>(ra, k, K) : zero;
-            fb[u] = vb ? load16<ALIGNED>(rb, k, K) : zero;
+            // A is the activation pass's output: read through L2 (see load_elem_l2).
+            fa[u] = va ? load16<ALIGNED, true>(ra, k, K) : zero;
+            fb[u] = vb ? load16<ALIGNED, true>(rb, k, K) : zero;
         }
         load_w(nw, c0 + WARPS * U);
 #pragma unroll
@@ -108,7 +109,7 @@ qlinear_gemv_mma(const ql::s8_t* __restrict__ A, const T* __restrict__ a_scale,
         int s = 0;
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) s += red[w][j][reg][src_lane];
-        const C y = dequant<T>(s, load_elem(a_scale + m), load_elem(w_scale + n), bias, n);
+        const C y = dequant<T>(s, load_elem_l2(a_scale + m), load_elem(w_scale + n), bias, n);
         store_elem(Y + static_cast<s64_t>(m) * N + n, y);
     }
     (void)pair_ok;

@@ -117,6 +117,13 @@ __device__ __forceinline__ typename Elem<T>::C load_elem(const T* p) {
     return Elem<T>::from_bits(__ldg(reinterpret_cast<const typename Elem<T>::Bits*>(p)));
 }
 
+// The same through L2 only (ld.global.cg): for data a kernel overlapped by programmatic
+// dependent launch is still writing when this kernel starts, so no L1 copy can be stale.
+template <typename T>
+__device__ __forceinline__ typename Elem<T>::C load_elem_l2(const T* p) {
+    return Elem<T>::from_bits(__ldcg(reinterpret_cast<const typename Elem<T>::Bits*>(p)));
+}
+
 // Two adjacent outputs in one store; the caller guarantees 2*sizeof(T) alignment.
 __device__ __forceinline__ void store_pair_bits(u16_t* p, u16_t a, u16_t b) {
     *reinterpret_cast<u32_t*>(p) = static_cast<u32_t>(a) | (static_cast<u32_t>(b) << 16);
@@ -145,10 +152,14 @@ __device__ __forceinline__ typename Elem<T>::C dequant(int acc, typename Elem<T>
 // 16 int8 values of a row starting at byte k, zero past K.
 // ALIGNED: the caller guarantees a 16-byte aligned row start and K % 16 == 0, so a
 // 16-byte chunk is either wholly inside the row or wholly outside.
-template <bool ALIGNED>
+// L2_ONLY: read through L2 only (see load_elem_l2); otherwise the read-only path.
+template <bool ALIGNED, bool L2_ONLY = false>
 __device__ __forceinline__ uint4 load16(const s8_t* row, int k, int K) {
     if (ALIGNED) {
-        if (k < K) return __ldg(reinterpret_cast<const uint4*>(row + k));
+        if (k < K) {
+            const uint4* p = reinterpret_cast<const uint4*>(row + k);
+            return L2_ONLY ? __ldcg(p) : __ldg(p);
+        }
         return make_uint4(0u, 0u, 0u, 0u);
     }
     u32_t w[4];
@@ -158,7 +169,8 @@ __device__ __forceinline__ uint4 load16(const s8_t* row, int k, int K) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const int kk = k + 4 * i + j;
-            const u32_t b = kk < K ? static_cast<u32_t>(static_cast<u8_t>(__ldg(row + kk))) : 0u;
+            const s8_t raw = kk < K ? (L2_ONLY ? __ldcg(row + kk) : __ldg(row + kk)) : s8_t(0);
+            const u32_t b = static_cast<u32_t>(static_cast<u8_t>(raw));
             v |= b << (8 * j);
         }
         w[i] = v;
