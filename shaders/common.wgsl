@@ -2,7 +2,8 @@
 //
 // The contract pins results down bit for bit, and WGSL does not: its f32 division
 // may be off by 2.5 ulp, its float<->f16 and int->float conversions may round either
-// way, and drivers fuse a*b+c into an FMA (lavapipe does). So every rounding the
+// way, and a driver may contract a*b+c into an FMA (SPIR-V and MSL allow it unless
+// told not to, and naga does not tell them). So every rounding the
 // contract names is done here in integer arithmetic on bit patterns, which no
 // adapter can change: f32 <-> f16 / bf16, i32 -> f32, the scale division and the
 // quantizing round. Only the two epilogue multiplies and the bias add are float

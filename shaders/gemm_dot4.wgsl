@@ -29,8 +29,8 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
     let row0 = wid.y * BM;
     let col0 = wid.x * BN;
     // Four named registers rather than an array: an array indexed in a loop that a
-    // compiler does not unroll is kept in memory (lavapipe does that), slowing every
-    // multiply-add.
+    // compiler does not unroll may be kept in memory, slowing every multiply-add
+    // (on lavapipe the named form measured faster).
     var acc0 = vec4<i32>(0);
     var acc1 = vec4<i32>(0);
     var acc2 = vec4<i32>(0);

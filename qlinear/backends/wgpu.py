@@ -300,6 +300,17 @@ class _Choice:
         self.__dict__.update(kw)
 
 
+def _with_f16_note(g: PrecisionGuarantee, c: "_Choice") -> PrecisionGuarantee:
+    if c.elem_tag != "f16_native":
+        return g
+    return PrecisionGuarantee(
+        g.bit_identical, g.deterministic, True, g.exact_int32,
+        g.note + " f16 storage is native: values are rounded in integer arithmetic, then moved "
+                 "through the adapter's exact f16<->f32 conversions, which keep f16 subnormals on "
+                 "lavapipe and desktop GPUs; an adapter that flushed them would flush subnormal "
+                 "f16 scales and outputs (f16_storage='packed' is integer-only).")
+
+
 class _QuantizeKernel(_WgpuKernel):
     precision_guarantee = PrecisionGuarantee(
         flushes_subnormals=False,
@@ -311,6 +322,7 @@ class _QuantizeKernel(_WgpuKernel):
         super().__init__(be, desc)
         self.choice = be._choose_quant(desc.dtype, desc.k, self.settings)
         self.sku = f"wgpu.{_quant_name(self.choice)}+{self.choice.elem_tag}"
+        self.precision_guarantee = _with_f16_note(self.precision_guarantee, self.choice)
         self.pipeline = be._quant_pipeline(self.choice, desc.q_min, desc.q_max)
         self.rows_per_dispatch = be._quant_rows_per_dispatch(desc.k, desc.dtype, self.settings)
 
@@ -334,6 +346,7 @@ class _LinearKernel(_WgpuKernel):
         self.choice = c = be._choose_linear(desc, self.settings)
         self.quant_choice = be._choose_quant(desc.dtype, desc.k, self.settings)
         self.sku = f"wgpu.{_quant_name(self.quant_choice)}+{c.name}+{c.elem_tag}"
+        self.precision_guarantee = _with_f16_note(self.precision_guarantee, c)
         self.quant_pipeline = be._quant_pipeline(self.quant_choice, desc.q_min, desc.q_max)
         self.quant_rows = be._quant_rows_per_dispatch(desc.k, desc.dtype, self.settings)
         self.gemm_pipelines = {has_bias: be._gemm_pipeline(c, has_bias) for has_bias in (False, True)}
