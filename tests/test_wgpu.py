@@ -72,6 +72,20 @@ def test_strategies_and_storages(be, rng, ip, dtype, storage, m, k, n):
         _linear(be, x, random_weight(rng, n, k), random_scale(rng, n, dtype), bias, dtype, rng)
 
 
+@pytest.mark.parametrize("dtype,storage", [(ql.f32, None), (ql.f16, "packed"), (ql.bf16, None)],
+                         ids=["f32", "f16packed", "bf16"])
+@pytest.mark.parametrize("m,k,n", [(17, 37, 9), (130, 70, 135), (129, 1100, 40)])
+def test_8x8_register_tiles(be, rng, dtype, storage, m, k, n):
+    """The GPU tile (128 x 128 blocks, 8 x 8 per invocation), forced on any adapter."""
+    settings = {"tile": "8x8", "f16_storage": storage, "inner_product": "dot4"}
+    plan = _plan(be, m, n, k, dtype, **settings)
+    assert "128x128" in plan.sku and "r8x8" in plan.sku
+    x = random_activation(rng, m, k, dtype)
+    with be.configured(**settings):
+        _linear(be, x, random_weight(rng, n, k), random_scale(rng, n, dtype),
+                rng.standard_normal(n).astype(dtype.numpy), dtype, rng)
+
+
 @pytest.mark.parametrize("ip", ["dot4", "fma"])
 @pytest.mark.parametrize("m", [3, 40])
 def test_fma_chunks_are_exact_at_the_extremes(be, rng, ip, m):
@@ -245,6 +259,8 @@ def test_weight_past_the_real_binding_limit(be, rng):
 
 
 def test_workgroup_memory_is_checked(be, rng):
+    eight = _plan(be, 200, 40, 40, ql.f32, tile="8x8", max_workgroup_storage=4096)
+    assert "128x128x16_r8x8" in eight.sku  # BK halved to fit 4 KiB
     # The f32-FMA tiles stage vec4<f32> words: 64x64x32 needs 16 KiB.
     plan = _plan(be, 40, 40, 40, ql.f32, inner_product="fma")
     assert "64x64x32" in plan.sku

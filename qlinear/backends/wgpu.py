@@ -389,6 +389,7 @@ class WgpuBackend(Backend):
             "inner_product": None,  # None (per adapter), "dot4" or "fma"
             "f16_storage": None,    # None (native where shader-f16), "native" or "packed"
             "quantize_exact_only": False,  # every element through the integer division
+            "tile": None,           # None (per adapter and M), "4x4" or "8x8" register tiles
             "max_storage_binding": int(self.limits["max-storage-buffer-binding-size"]),
             "max_workgroups_per_dim": int(self.limits["max-compute-workgroups-per-dimension"]),
             "max_workgroup_storage": int(self.limits["max-compute-workgroup-storage-size"]),
@@ -453,7 +454,8 @@ class WgpuBackend(Backend):
         emulates it), ``f16_storage`` ("native" or "packed"; None = native where the
         adapter has ``shader-f16``), ``quantize_exact_only`` (True: every activation
         element takes the integer division that otherwise only settles quotients near a
-        rounding edge), and the limits ``max_storage_binding``,
+        rounding edge), ``tile`` ("4x4" or "8x8" register tiles of the dot4 GEMM; None =
+        8 x 8 on GPUs for M > 64), and the limits ``max_storage_binding``,
         ``max_workgroups_per_dim``, ``max_workgroup_storage`` (bytes / counts; lowering
         them exercises the sub-range binding, dispatch splitting and tile fallback
         that big problems need). Plans keep the settings they were selected with."""
@@ -462,7 +464,7 @@ class WgpuBackend(Backend):
             raise InvalidProblem(f"settings: expected keys among {sorted(self._settings)}, "
                                  f"got {unknown}")
         allowed = {"inner_product": (None, "dot4", "fma"), "f16_storage": (None, "native", "packed"),
-                   "quantize_exact_only": (False, True)}
+                   "quantize_exact_only": (False, True), "tile": (None, "4x4", "8x8")}
         for k, v in settings.items():
             if k in allowed and v not in allowed[k]:
                 raise InvalidProblem(f"{k}: expected one of {allowed[k]}, got {v!r}")
@@ -773,18 +775,28 @@ class WgpuBackend(Backend):
                            big_acc=big_acc)
         word = 16 if ip == "fma" else 4  # bytes per staged word: vec4<f32> or u32
         family = "gemm_f32" if ip == "fma" else "gemm_dot4"
+        # (block, register tile). The 8 x 8 tile halves the workgroup-memory traffic per
+        # multiply-add, which bounds the 4 x 4 tile on GPUs; it needs M to fill 128 rows.
+        want8 = ip == "dot4" and (settings["tile"] == "8x8" or (
+            settings["tile"] is None and self.is_gpu and desc.m > 64))
+        shapes = ([(128, 8)] if want8 else []) + [(64, 4), (32, 4)]
+        # Deeper K steps mean fewer barriers, which lavapipe pays dearly for (measured
+        # best: 32 words); GPUs keep a shallow, cache-friendly 8.
+        bks = (8, 4, 2, 1) if self.is_gpu or ip == "fma" else (32, 16, 8, 4, 2, 1)
         tried = []
-        for bm in (64, 32):
-            if (bm // 4) ** 2 > inv:
+        for block, tile in shapes:
+            if (block // tile) ** 2 > inv:
+                tried.append(f"{block}x{block} r{tile}x{tile}: {(block // tile) ** 2} invocations")
                 continue
-            for bk in (8, 4, 2, 1):
-                mem = bk * 2 * bm * word
-                tried.append(f"{bm}x{bm}x{bk * 4}: {mem} B")
+            for bk in bks:
+                mem = bk * 2 * block * word
+                tried.append(f"{block}x{block}x{bk * 4}: {mem} B")
                 if mem <= wg_mem:
-                    name = f"gemm_tiled_{bm}x{bm}x{bk * 4}_r4x4_{ip}"
+                    name = f"gemm_tiled_{block}x{block}x{bk * 4}_r{tile}x{tile}_{ip}"
                     return _Choice(kind="tiled", family=family, elem=elem, consts=consts,
-                                   elem_tag=tag, ip=ip, bm=bm, bn=bm, bk=bk, name=name,
-                                   big_acc=big_acc)
+                                   elem_tag=tag, ip=ip, bm=block, bn=block, bk=bk, tile=tile,
+                                   entry="main" if ip == "fma" else f"tile{tile}x{tile}",
+                                   name=name, big_acc=big_acc)
         raise Unsupported(
             f"workgroup memory: no GEMM tile fits the adapter's limit of {wg_mem} bytes and "
             f"{inv} invocations per workgroup (tried {', '.join(tried)})")
@@ -798,7 +810,8 @@ class WgpuBackend(Backend):
         if c.kind == "gemv":
             consts.update(KL=c.kl, CG=c.cg, MROWS=c.m, STRATEGY=1 if c.ip == "fma" else 0)
         else:
-            consts.update(BM=c.bm, BN=c.bn, BK=c.bk, WGX=c.bn // 4, WGY=c.bm // 4)
+            consts.update(BM=c.bm, BN=c.bn, BK=c.bk, WGX=c.bn // c.tile, WGY=c.bm // c.tile)
+            return self._pipeline(c.family, c.elem, consts, entry=c.entry)
         return self._pipeline(c.family, c.elem, consts)
 
     # -- dispatch planning ---------------------------------------------------------
