@@ -338,6 +338,14 @@ def test_wrap_buffer(be, rng):
         be.wrap_buffer(buf, (1025,), ql.f32)
     with pytest.raises(ql.InvalidProblem, match="expected a wgpu.GPUBuffer"):
         be.wrap_buffer(np.zeros(4), (4,), ql.f32)
+    storage_only = be.wrap_buffer(be.device.create_buffer(size=64, usage=u.STORAGE), (4,), ql.f32)
+    with pytest.raises(ql.InvalidProblem, match="COPY_SRC"):
+        be.to_numpy(storage_only)
+    s8 = be.wrap_buffer(buf, (3, 5), ql.s8, offset=8)  # rows padded to 8 bytes
+    assert s8.strides == (8, 1)
+    be.wrap_buffer(buf, (511, 5), ql.s8, offset=8)  # exactly fills the buffer
+    with pytest.raises(ql.InvalidProblem, match="at least 4104 bytes"):
+        be.wrap_buffer(buf, (512, 5), ql.s8, offset=8)
 
 
 @pytest.mark.parametrize("dtype", [ql.f16, ql.bf16], ids=["f16", "bf16"])
