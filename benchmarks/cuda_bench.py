@@ -126,7 +126,7 @@ class Timer:
     """CUDA-event timing on one stream: optional L2 flush, a spin kernel, then the work."""
 
     def __init__(self, be, stream):
-        from cuda.core import EventOptions, LaunchConfig, ObjectCode, Program, ProgramOptions, launch
+        from cuda.core import EventOptions, LaunchConfig, Program, ProgramOptions, launch
 
         self.be = be
         self.stream = be.stream(stream)

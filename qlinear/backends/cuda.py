@@ -37,7 +37,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..dtypes import DType, as_dtype, bf16, f16, f32, f64, FLOAT_DTYPES
+from ..dtypes import FLOAT_DTYPES, DType, as_dtype, f16, f32, f64
 from ..errors import BackendUnavailable, DeviceError, InvalidProblem, Unsupported
 from ..kernel_cache import CacheEntry, KernelCache, default_cache
 from ..resources import read_source
