@@ -113,6 +113,10 @@ def main(argv=None):
     ap.add_argument("--dtype", default="f16", help="TIn: f32, f16 or bf16 (default f16)")
     ap.add_argument("--repeats", type=int, default=7, help="measurements per figure (median)")
     ap.add_argument("--no-cpu", action="store_true", help="skip the cpu backend columns")
+    ap.add_argument("--inner-product", choices=["dot4", "fma"],
+                    help="force the wgpu inner-product strategy (default: per adapter)")
+    ap.add_argument("--tile", choices=["4x4", "8x8"],
+                    help="force the register tile of the dot4 GEMM (default: per adapter)")
     ap.add_argument("--json", help="write the figures to this file")
     a = ap.parse_args(argv)
     dtype = ql.dtypes.as_dtype(a.dtype)
@@ -146,7 +150,8 @@ def main(argv=None):
     rows = []
     for k, n, m in shapes:
         ops = 2 * m * k * n
-        plan, args, ok = setup(gpu, m, k, n, dtype, rng)
+        with gpu.configured(inner_product=a.inner_product, tile=a.tile):
+            plan, args, ok = setup(gpu, m, k, n, dtype, rng)
         t_gpu = bench_plan(gpu, plan, args, a.repeats)
         mm = gpu.float_matmul(m, k, n, ql.f32)
         t_mm = measure(mm, a.repeats) if mm else float("nan")
