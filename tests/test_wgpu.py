@@ -590,3 +590,13 @@ def test_float_matmul_and_micro_kernels(be):
         f, amount = micro[name]
         f()
         assert amount > 0
+
+
+def test_float_matmul_is_a_matmul(be, rng):
+    """The benchmark baseline computes what it claims (f32, edges of the 128 blocks)."""
+    m, k, n = 130, 37, 129
+    run = be.float_matmul(m, k, n, ql.f32)
+    run()
+    a_t, b_t, c_t, _ = run.keep
+    a, b = be.to_numpy(a_t), be.to_numpy(b_t)
+    np.testing.assert_allclose(be.to_numpy(c_t), a @ b, rtol=1e-4, atol=1e-4)

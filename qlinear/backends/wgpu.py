@@ -931,18 +931,24 @@ class WgpuBackend(Backend):
         waits (the floating-point baseline for benchmarks; ``dtype`` is ignored: f32 is the
         one float type every adapter has). None when an operand exceeds a binding."""
         room = self._settings["max_storage_binding"]
-        if max(m * k, k * n, m * n) * 4 > room or -(-max(m, n) // 64) > self._settings[
+        if max(m * k, k * n, m * n) * 4 > room or -(-max(m, n) // 128) > self._settings[
                 "max_workgroups_per_dim"]:
+            return None
+        # The deepest K step that fits workgroup memory (two 128-wide f32 tiles).
+        bk = next((b for b in (32, 16, 8, 4, 2, 1)
+                   if b * 2 * 128 * 4 <= self._settings["max_workgroup_storage"]), None)
+        if bk is None or 256 > int(self.limits["max-compute-invocations-per-workgroup"]):
             return None
         rng = np.random.default_rng(0)
         a = self.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
         b = self.from_numpy(rng.standard_normal((k, n)).astype(np.float32))
         c = self.empty((m, n), f32)
-        pipe = self._pipeline("matmul_f32", "", {"BM": 64, "BN": 64, "BK": 8, "WGX": 16, "WGY": 16})
+        pipe = self._pipeline("matmul_f32", "", {"BM": 128, "BN": 128, "BK": bk, "WGX": 16,
+                                                 "WGY": 16})
         params = self._params_buffer([[m, n, k, 0]])
         res = {i: self._range(t, 0, max(4, t.size * 4))[0] for i, t in ((0, c), (1, a), (2, b))}
         bg = self._bind_group("matmul", res, params, 0, 16)
-        grid = (-(-n // 64), -(-m // 64), 1)
+        grid = (-(-n // 128), -(-m // 128), 1)
 
         def run():
             enc = self.device.create_command_encoder()
