@@ -3,11 +3,17 @@ Mesa's lavapipe on a machine without a GPU).
 
 A linear run is two kernels in one compute pass: the fused activation pass
 (``shaders/rowquant.wgsl``) and a GEMM with the dequant/bias epilogue fused
-(``shaders/gemm_dot4.wgsl``, ``gemm_f32.wgsl`` or, for M <= 16, ``gemv.wgsl``).
+chosen by shape and adapter, and named in ``plan.sku``: for M <= 16 ``gemv.wgsl``,
+which reads each weight word once; else ``gemm_dot4.wgsl`` (dot4I8Packed, 8 x 8
+register tiles in 128 x 128 blocks for M > 64, 4 x 4 in 64 x 64 blocks below), or
+``gemm_f32.wgsl`` (exact f32 multiply-adds over K-chunks of 1024) on Metal and GL,
+where naga emulates dot4I8Packed. Tiles shrink to fit the adapter's workgroup memory.
+``be.configured(...)`` overrides these choices (tests run every variant on lavapipe).
+
 Kernels are specialised with WGSL ``override`` constants; the only source-level
 step is choosing the element-access prelude (``elem_words.wgsl``, or
 ``elem_f16.wgsl`` where the adapter has ``shader-f16``), which is prepended, with
-``common.wgsl``, to the kernel family's file.
+``common.wgsl`` (and ``linear_io.wgsl`` for the GEMMs), to the kernel family's file.
 
 Numbers are the cpu backend's bit for bit: every rounding the contract names is
 done in integer arithmetic inside the shaders (see ``shaders/common.wgsl``).
