@@ -38,7 +38,7 @@ def check_tensor(backend, name: str, obj, shape: tuple, dtype: DType) -> Tensor:
     if t.shape != tuple(shape):
         raise InvalidProblem(f"{name}: expected shape {tuple(shape)}, got {t.shape}")
     want = backend.expected_strides(t.shape, t.dtype)
-    if t.size and not _same_strides(t.shape, t.strides, want):
+    if t.strides != want and t.size and not _same_strides(t.shape, t.strides, want):
         raise InvalidProblem(
             f"{name}: expected a contiguous tensor with strides {want} (in elements), "
             f"got strides {t.strides}")
@@ -55,11 +55,15 @@ def check_no_alias(written: dict, others: dict) -> None:
     for a, t in written.items():
         if t.readonly:
             raise InvalidProblem(f"{a}: expected a writable tensor, got a read-only one")
-    names = list(written) + list(others)
-    tensors = {**written, **others}
-    for i, a in enumerate(written):
-        for b in names[i + 1:]:
-            if tensors[a].overlaps(tensors[b]):
+    # (name, memory, start, end) of every non-empty tensor; a written one is compared with
+    # every tensor after it in this list, which covers every pair involving a write.
+    spans = [(name, t.memory, *t.byte_span()) for name, t in (*written.items(), *others.items())
+             if t.size]
+    for i, (a, mem, a0, a1) in enumerate(spans):
+        if a not in written:
+            break
+        for b, mem_b, b0, b1 in spans[i + 1:]:
+            if mem == mem_b and a0 < b1 and b0 < a1:
                 raise InvalidProblem(
                     f"{a}: expected memory that no other argument uses, got a tensor that "
                     f"overlaps {b}")
