@@ -199,3 +199,22 @@ def test_numpy_views_on_cpu():
     out = t["output"]
     with pytest.raises(ql.InvalidProblem, match="output"):
         plan.run(ql.QuantizedLinearArgs(**(t | {"activation": out})))
+
+
+def test_real_tensors_from_other_backends(qlinear_backend):
+    """Every tensor made by another available backend is refused, by name, on this one."""
+    be = qlinear_backend
+    others = [s.backend for s in ql.backend_status() if s.available and s.name != be.name]
+    if not others:
+        pytest.skip("no other backend is available here")
+    plan = ql.QuantizedLinearPlan.select(be, ql.QuantizedLinearDescriptor(M, N, K, DT))
+    t = {name: be.from_numpy(host(name)) for name in SHAPES}
+    before = {n: be.to_numpy(t[n]).tobytes() for n in WRITTEN}
+    for other in others:
+        for name in SHAPES:
+            foreign = other.from_numpy(host(name))
+            with pytest.raises(ql.InvalidProblem) as exc:
+                plan.run(ql.QuantizedLinearArgs(**(t | {name: foreign})))
+            assert name in str(exc.value)
+    for n in WRITTEN:
+        assert be.to_numpy(t[n]).tobytes() == before[n]
