@@ -957,17 +957,21 @@ class WgpuBackend(Backend):
         grid = (-(-n // 128), -(-m // 128), 1)
 
         def run():
-            enc = self.device.create_command_encoder()
-            cp = enc.begin_compute_pass()
-            cp.set_pipeline(pipe)
-            cp.set_bind_group(0, bg)
-            cp.dispatch_workgroups(*grid)
-            cp.end()
-            self.device.queue.submit([enc.finish()])
-            self.synchronize()
+            self._dispatch_and_wait(pipe, bg, grid)
 
         run.keep = (a, b, c, params)
         return run
+
+    def _dispatch_and_wait(self, pipe, bind_group, grid) -> None:
+        """One dispatch in its own submit, waited for (the benchmark helpers' unit of work)."""
+        enc = self.device.create_command_encoder()
+        cp = enc.begin_compute_pass()
+        cp.set_pipeline(pipe)
+        cp.set_bind_group(0, bind_group)
+        cp.dispatch_workgroups(*grid)
+        cp.end()
+        self.device.queue.submit([enc.finish()])
+        self.synchronize()
 
     def micro_kernels(self, words: int = 1 << 22, iters: int = 256) -> dict:
         """For benchmarks: ``{"dot4": (run, int8_ops), "copy": (run, bytes_moved)}`` where
@@ -990,14 +994,7 @@ class WgpuBackend(Backend):
             grid = (gx, -(-groups // gx), 1)
 
             def run(pipe=pipe, bg=bg, grid=grid):
-                enc = self.device.create_command_encoder()
-                cp = enc.begin_compute_pass()
-                cp.set_pipeline(pipe)
-                cp.set_bind_group(0, bg)
-                cp.dispatch_workgroups(*grid)
-                cp.end()
-                self.device.queue.submit([enc.finish()])
-                self.synchronize()
+                self._dispatch_and_wait(pipe, bg, grid)
 
             run.keep = (src, dst)
             amount = (grid[0] * grid[1] * wg * iters * 16 * 8 if entry == "dot4_peak"
