@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One prepared run for a lent NVIDIA machine (the device tool's `run`), in the repo root:
+#   bash benchmarks/device_check.sh            # everything below, logs and JSON in $OUT
+# Order: facts, the shared suite on cuda, compute-sanitizer, the CUDA benchmark, then
+# WGSL on the NVIDIA Vulkan adapter when the wgpu wheel (.whl/) and loader (.gl/) were
+# carried (see the device tool's README). Each step logs to $OUT and the script goes on
+# after a failure, so one call returns everything.
+set -uo pipefail
+OUT="${OUT:-/tmp/qlinear-device}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 QLINEAR_CACHE_DIR="$OUT/kcache"
+step() { echo; echo "=== $1"; }
+
+step facts
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import cuda.core, cuda.bindings; print('cuda.core', cuda.core.__version__)"
+python3 -m qlinear info | tee "$OUT/info.txt"
+
+step "suite on cuda"
+timeout 300 python3 -m pytest -q -x -p no:cacheprovider --qlinear-backend=cuda \
+  tests/test_linear.py tests/test_quantize.py tests/test_bad_inputs.py tests/test_api.py \
+  tests/test_torch.py tests/test_cuda_backend.py 2>&1 | tail -n 40 | tee "$OUT/pytest-cuda.txt"
+
+step "compute-sanitizer memcheck"
+timeout 240 compute-sanitizer --tool memcheck --error-exitcode 3 \
+  python3 benchmarks/sanitize_cases.py 2>&1 | tail -n 30 | tee "$OUT/memcheck.txt"
+step "compute-sanitizer racecheck"
+timeout 240 compute-sanitizer --tool racecheck --error-exitcode 3 \
+  python3 benchmarks/sanitize_cases.py --quick 2>&1 | tail -n 20 | tee "$OUT/racecheck.txt"
+
+step "cuda benchmark"
+timeout 420 python3 benchmarks/cuda_bench.py --json "$OUT/cuda_bench.json" 2>&1 | tee "$OUT/cuda_bench.txt"
+
+if ls .whl/wgpu-*.whl >/dev/null 2>&1; then
+  step "wgpu on the NVIDIA Vulkan adapter"
+  for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  export VK_DRIVER_FILES="${VK_DRIVER_FILES:-/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json}"
+  timeout 300 python3 -m pytest -q -x -p no:cacheprovider --qlinear-backend=wgpu \
+    tests/test_linear.py tests/test_wgpu.py 2>&1 | tail -n 20 | tee "$OUT/pytest-wgpu.txt"
+  timeout 300 python3 benchmarks/wgpu_bench.py --full --no-cpu --json "$OUT/wgpu_bench.json" \
+    2>&1 | tee "$OUT/wgpu_bench.txt"
+fi
+echo; echo "=== done; files in $OUT"
