@@ -50,12 +50,17 @@ _ALIASES = {
 }
 
 
+_BY_NUMPY = {d.numpy: d for d in _ALL}
+
+
 def as_dtype(value, *, name: str = "dtype") -> DType:
     """Return the :class:`DType` for a DType, a short name (``"f16"``), a numpy or
     ml_dtypes dtype, or a torch-style name (``"float16"``). ``name`` is the argument
     named in the error."""
     if isinstance(value, DType):
         return value
+    if isinstance(value, np.dtype) and value in _BY_NUMPY:  # the common, hot case
+        return _BY_NUMPY[value]
     if isinstance(value, str):
         for d in _ALL:
             if d.name == value:

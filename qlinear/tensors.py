@@ -36,7 +36,8 @@ class Tensor:
         device: the device it lives on, e.g. ``"cpu"``, ``"wgpu:0"``, ``"cuda:0"``.
         shape: tuple of ints.
         dtype: a :class:`qlinear.DType`.
-        strides: tuple of ints, in elements (not bytes).
+        strides: tuple, in elements (not bytes); a backend passes a non-integer stride
+            for memory that is not a whole number of elements apart (never valid).
         handle: the backend's native object.
         memory: a hashable naming the allocation space (views into one buffer share it).
         byte_offset: where element 0 sits inside ``memory``, in bytes.
@@ -53,9 +54,9 @@ class Tensor:
                  readonly: bool = False):
         self.backend = backend
         self.device = device
-        self.shape = tuple(int(s) for s in shape)
+        self.shape = tuple(map(int, shape))
         self.dtype = dtype
-        self.strides = tuple(int(s) for s in strides)
+        self.strides = tuple(strides)  # kept as given: a fractional stride must stay invalid
         self.handle = handle
         self.memory = memory
         self.byte_offset = int(byte_offset)

@@ -196,6 +196,10 @@ def test_numpy_views_on_cpu():
         plan.run(ql.QuantizedLinearArgs(**(t | {"activation": big[:, ::2]})))
     with pytest.raises(ql.InvalidProblem, match="output.*int32"):
         plan.run(ql.QuantizedLinearArgs(**(t | {"output": np.zeros((M, N), np.int32)})))
+    raw = np.zeros(M * 6 * 2 + 8, np.uint8)
+    odd = np.lib.stride_tricks.as_strided(raw.view(np.float32)[:1], shape=(N,), strides=(6,))
+    with pytest.raises(ql.InvalidProblem, match="weight_scale.*contiguous"):
+        plan.run(ql.QuantizedLinearArgs(**(t | {"weight_scale": odd})))
     out = t["output"]
     with pytest.raises(ql.InvalidProblem, match="output"):
         plan.run(ql.QuantizedLinearArgs(**(t | {"activation": out})))

@@ -153,7 +153,7 @@ class _LinearKernel(Kernel):
     def _weight(self, wt: Tensor) -> np.ndarray:
         """``weight_q.T`` as the compute type, ``[K, N]`` contiguous; kept on read-only tensors."""
         ct = _compute_type(self.desc.dtype)
-        key = ("w_t", ct.name)
+        key = ("w_t", ct)
         w_t = wt.cache.get(key)
         if w_t is None:
             w_t = np.ascontiguousarray(wt.handle.T, dtype=ct)
@@ -199,7 +199,9 @@ class CpuBackend(Backend):
 
     def _tensor(self, arr: np.ndarray, dtype: DType, readonly=False) -> Tensor:
         item = arr.itemsize
-        strides = tuple(s // item if s % item == 0 else s / item for s in arr.strides)
+        strides = [s // item for s in arr.strides]
+        if any(s % item for s in arr.strides):  # not a whole number of elements: never valid
+            strides = [s / item for s in arr.strides]
         return Tensor("cpu", "cpu", arr.shape, dtype, strides, arr, "host",
                       arr.__array_interface__["data"][0], readonly=readonly)
 
