@@ -12,7 +12,6 @@ from .dtypes import DType, as_dtype, f64
 from .errors import InvalidProblem
 from .plans import QuantizedLinearPlan
 from .problem import QuantizedLinearArgs, QuantizedLinearDescriptor
-from .tensors import Tensor
 
 __all__ = ["quantize_weight", "QuantizedLinear"]
 

@@ -12,12 +12,7 @@ from typing import Any
 from . import validate
 from .backends import Backend, PrecisionGuarantee, backend as get_backend
 from .errors import InvalidProblem
-from .problem import (
-    DynamicRangeQuantizeArgs,
-    DynamicRangeQuantizeDescriptor,
-    QuantizedLinearArgs,
-    QuantizedLinearDescriptor,
-)
+from .problem import DynamicRangeQuantizeDescriptor, QuantizedLinearDescriptor
 
 __all__ = ["QuantizedLinearPlan", "DynamicRangeQuantizePlan"]
 
@@ -103,10 +98,6 @@ class QuantizedLinearPlan(_Plan):
     def _is_empty(self) -> bool:
         return self.descriptor.m == 0 or self.descriptor.c_out == 0
 
-    def args_type(self):
-        """The argument bundle type this plan takes (:class:`QuantizedLinearArgs`)."""
-        return QuantizedLinearArgs
-
 
 class DynamicRangeQuantizePlan(_Plan):
     """A plan for the activation pass alone (:class:`DynamicRangeQuantizeDescriptor`):
@@ -121,7 +112,3 @@ class DynamicRangeQuantizePlan(_Plan):
 
     def _is_empty(self) -> bool:
         return self.descriptor.m == 0
-
-    def args_type(self):
-        """The argument bundle type this plan takes (:class:`DynamicRangeQuantizeArgs`)."""
-        return DynamicRangeQuantizeArgs

@@ -7,10 +7,10 @@ A descriptor is validated when it is made; arguments are validated against it by
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
-from .dtypes import DType, as_dtype, f64
+from .dtypes import DType, as_dtype
 from .errors import InvalidProblem
 
 __all__ = [

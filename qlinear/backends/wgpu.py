@@ -35,7 +35,7 @@ import contextlib
 import math
 import weakref
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
