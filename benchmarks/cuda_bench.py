@@ -6,7 +6,7 @@
 
 For every shape, first the qlinear plan's output (and both scratches) is checked bit for
 bit against an exact oracle of the numerical contract (integer accumulation done in
-float64 BLAS, which is exact for these integers; every row for M <= 512, a sample of
+``qlinear.reference``; every row for M <= 512, a sample of
 rows spread over all tiles beyond). Then, side by side on the same CUDA stream, timed
 with CUDA events (warm-up, median of --repeats runs; before each run a short spin
 kernel keeps the GPU busy while Python enqueues, so launch overhead is not counted;
@@ -35,7 +35,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 import numpy as np
@@ -43,14 +42,16 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import qlinear as ql  # noqa: E402
+from qlinear.bench import git_commit  # noqa: E402
 from qlinear.dtypes import as_dtype  # noqa: E402
+from qlinear.problem import DECODE_MAX_M  # noqa: E402
+from qlinear.reference import reference_linear  # noqa: E402
 
 DEFAULT_M = (1, 16, 512, 4096)
 DEFAULT_KN = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192))
 DEFAULT_DTYPES = ("f16", "bf16")
 #: Dense int8 tensor-core peak of an H100 SXM (TOPS); the sparse figure is twice this.
 INT8_PEAK_TOPS = 1979.0
-DECODE_MAX_M = 16
 #: Rows checked against the oracle beyond this M: a sample (see ``check_rows``).
 FULL_CHECK_MAX_M = 512
 COPY_BYTES = 512 << 20
@@ -108,16 +109,6 @@ def _torch():
     return torch if torch.cuda.is_available() else None
 
 
-def git_commit() -> str:
-    """The repository's commit, or ``unknown``."""
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
-
 # ------------------------------------------------------------------------------------
 # Timing
 
@@ -146,7 +137,7 @@ class Timer:
 
     def flush_l2(self):
         """Overwrite twice the L2 size, so the next kernel starts cold."""
-        err, = self._driver.cuMemsetD8Async(self._flush.byte_offset, 0, self._flush.size,
+        err, = self._driver.cuMemsetD8Async(self._flush.data_ptr, 0, self._flush.size,
                                             self._stream_handle)
         if int(err):
             raise RuntimeError(f"cuMemsetD8Async failed: {err}")
@@ -178,7 +169,7 @@ class Timer:
         dst = self.be.empty((n,), ql.s8)
 
         def copy():
-            err, = self._driver.cuMemcpyDtoDAsync(dst.byte_offset, src.byte_offset, n,
+            err, = self._driver.cuMemcpyDtoDAsync(dst.data_ptr, src.data_ptr, n,
                                                   self._stream_handle)
             if int(err):
                 raise RuntimeError(f"cuMemcpyDtoDAsync failed: {err}")
@@ -198,29 +189,6 @@ def check_rows(m: int) -> np.ndarray:
     rng = np.random.default_rng(m)
     edges = np.concatenate([np.arange(0, m, 128), np.arange(127, m, 128), [m - 1]])
     return np.unique(np.concatenate([edges[:128], rng.choice(m, 128, replace=False)]))
-
-
-def oracle_rows(x, wq_f64_t, ws, bias, dtype):
-    """``(y, q, scale)`` of the contract for the rows ``x``; the integer accumulation in
-    float64 BLAS is exact (integers below 2**31 < 2**53)."""
-    ct = np.float32 if dtype != ql.f64 else np.float64
-    xc = x.astype(ct)
-    amax = np.abs(xc).max(axis=1)
-    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
-        scale = (amax / ct(127)).astype(dtype.numpy)
-    finite = np.isfinite(amax)
-    under = finite & (scale == 0)
-    scale[under] = 1
-    scale[~finite] = np.nan
-    q = np.zeros(x.shape, np.float64)
-    good = finite & ~under
-    q[good] = np.clip(np.rint(xc[good] / scale[good].astype(ct)[:, None]), -127, 127)
-    acc = q @ wq_f64_t
-    with np.errstate(invalid="ignore", over="ignore"):
-        y = (acc.astype(ct) * scale.astype(ct)[:, None]) * ws.astype(ct)
-        if bias is not None:
-            y = y + bias.astype(ct)
-    return y.astype(dtype.numpy), q.astype(np.int8), scale
 
 
 def _bits(a):
@@ -308,8 +276,8 @@ class Shape:
         y = self._host(self.args.output, self.dtype)[rows]
         q = self._host(self.args.act_q_scratch, ql.s8)[rows]
         s = self._host(self.args.act_scale_scratch, self.dtype)[rows]
-        want_y, want_q, want_s = oracle_rows(self.x[rows], self.wq.astype(np.float64).T,
-                                             self.ws, self.bias, self.dtype)
+        want_y, want_q, want_s = reference_linear(self.x[rows], self.wq, self.ws, self.bias,
+                                                  self.dtype)
         what = f"M={self.m} K={self.k} N={self.n} {self.dtype.name} [{self.plan.sku}]"
         assert_same(s, want_s, f"act_scale_scratch {what}")
         if not np.array_equal(q, want_q):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import qlinear as ql
+from qlinear.bench import float_matmul
 
 SHAPES = [(m, k, n) for k, n in [(384, 1536), (4096, 4096)] for m in (1, 16, 512)]
 IDS = [f"M{m}-K{k}-N{n}" for m, k, n in SHAPES]
@@ -55,7 +56,7 @@ def test_backend_float_matmul(benchmark, qlinear_backend, m, k, n):
         pytest.skip("cpu's float matmul is test_numpy_f32_matmul")
     if not be.is_gpu and m * k * n > 512 * 384 * 1536:
         pytest.skip(f"{be.name} on {be.device_name} is a CPU emulation: large shapes too slow")
-    fn = be.float_matmul(m, k, n, ql.f32)
+    fn = float_matmul(be, m, k, n, ql.f32)
     if fn is None:
         pytest.skip(f"{be.name} offers no float matmul")
     benchmark.group = _group(m, k, n)

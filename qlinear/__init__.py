@@ -7,7 +7,7 @@
 array([[ 1. , -2. ,  0.5,  0. ]], dtype=float32)
 """
 
-from .backends import Backend, BackendStatus, Kernel, PrecisionGuarantee, backend, backend_names, backend_status
+from .backends import Backend, BackendStatus, Executable, PrecisionGuarantee, backend, backend_names, backend_status
 from .dtypes import DType, bf16, f16, f32, f64, s8
 from .errors import BackendUnavailable, DeviceError, InvalidProblem, QlinearError, Unsupported
 from .layer import QuantizedLinear, quantize_weight
@@ -24,7 +24,7 @@ from .tensors import Tensor
 __version__ = "0.1.0"
 
 __all__ = [
-    "Backend", "BackendStatus", "Kernel", "PrecisionGuarantee", "backend", "backend_names",
+    "Backend", "BackendStatus", "Executable", "PrecisionGuarantee", "backend", "backend_names",
     "backend_status",
     "DType", "f32", "f16", "bf16", "f64", "s8",
     "QlinearError", "InvalidProblem", "Unsupported", "BackendUnavailable", "DeviceError",

@@ -6,13 +6,14 @@ bf16 on the host is ``ml_dtypes.bfloat16``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
 
 import ml_dtypes
 import numpy as np
 
 from .errors import InvalidProblem
 
-__all__ = ["DType", "f32", "f16", "bf16", "f64", "s8", "FLOAT_DTYPES", "as_dtype"]
+__all__ = ["DType", "DTypeLike", "f32", "f16", "bf16", "f64", "s8", "FLOAT_DTYPES", "as_dtype"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,7 +54,11 @@ _ALIASES = {
 _BY_NUMPY = {d.numpy: d for d in _ALL}
 
 
-def as_dtype(value, *, name: str = "dtype") -> DType:
+#: What :func:`as_dtype` takes: a :class:`DType`, a name, or a numpy / ml_dtypes dtype.
+DTypeLike = Union[DType, str, np.dtype, type]
+
+
+def as_dtype(value: object, *, name: str = "dtype") -> DType:
     """Return the :class:`DType` for a DType, a short name (``"f16"``), a numpy or
     ml_dtypes dtype, or a torch-style name (``"float16"``). ``name`` is the argument
     named in the error."""

@@ -141,7 +141,7 @@ class QuantizedLinear:
         lead = x.shape[:-1]
         x2 = np.ascontiguousarray(x.reshape(-1, self.in_features))
         be = self.backend
-        if be.name == "cpu":
+        if be.host_memory:
             y = np.empty((x2.shape[0], self.out_features), self.dtype.numpy)
             self.forward(x2, out=y)
         else:

@@ -7,27 +7,36 @@ whether it can implement a set of arguments (and why not), its workspace size
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, ClassVar, Optional, Union
 
 from . import validate
-from .backends import Backend, PrecisionGuarantee, backend as get_backend
+from .backends import Backend, Executable, PrecisionGuarantee, backend as get_backend
 from .errors import InvalidProblem
 from .problem import DynamicRangeQuantizeDescriptor, QuantizedLinearDescriptor
+
+BackendLike = Union[Backend, str, None]
 
 __all__ = ["QuantizedLinearPlan", "DynamicRangeQuantizePlan"]
 
 
 class _Plan:
-    _descriptor_type: type = object
-    _check = None
+    _descriptor_type: ClassVar[type] = object
+    _check: ClassVar[Callable[..., Any]]
 
-    def __init__(self, backend: Backend, descriptor, kernel):
+    def __init__(self, backend: Backend, descriptor: Any, executable: Executable):
         self.backend = backend
         self.descriptor = descriptor
-        self._kernel = kernel
+        self._executable = executable
 
     @classmethod
-    def select(cls, backend, descriptor):
+    def _make_executable(cls, be: Backend, desc: Any) -> Executable:
+        raise NotImplementedError
+
+    def _is_empty(self) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    def select(cls, backend: BackendLike, descriptor: Any) -> Any:
         """Choose and prepare (compile, cache) the kernel for ``descriptor`` on ``backend``
         (a :class:`Backend`, a backend name, or None for the best available).
 
@@ -38,30 +47,30 @@ class _Plan:
                 f"descriptor: expected {cls._descriptor_type.__name__}, "
                 f"got {type(descriptor).__name__}")
         be = get_backend(backend)
-        return cls(be, descriptor, cls._make_kernel(be, descriptor))
+        return cls(be, descriptor, cls._make_executable(be, descriptor))
 
     @property
     def sku(self) -> str:
         """Which kernel(s) this plan runs, e.g. ``"cpu.blas_f32_chunk1024"``."""
-        return self._kernel.sku
+        return self._executable.sku
 
     @property
     def precision_guarantee(self) -> PrecisionGuarantee:
         """What the plan promises about its numbers (bit identity, determinism, subnormals)."""
-        return self._kernel.precision_guarantee
+        return self._executable.precision_guarantee
 
     def workspace_size(self) -> int:
         """Bytes of workspace the plan needs beyond the arguments: always 0, since the
         scratch tensors are part of the arguments and owned by the caller."""
         return 0
 
-    def can_implement(self, args) -> bool:
+    def can_implement(self, args: Any) -> bool:
         """Return True if ``args`` fit this plan; otherwise raise :class:`InvalidProblem`
         naming the argument, what was expected and what was given."""
         type(self)._check(self.backend, self.descriptor, args)
         return True
 
-    def run(self, args, stream: Any = None) -> None:
+    def run(self, args: Any, stream: Optional[Any] = None) -> None:
         """Validate ``args`` and run. Asynchronous on GPU backends: the results are ready
         after ``backend.synchronize(stream)`` or ``backend.to_numpy``. On any error
         nothing the caller owns has been written.
@@ -71,7 +80,7 @@ class _Plan:
         tensors = type(self)._check(self.backend, self.descriptor, args)
         if self._is_empty():
             return
-        self._kernel.run(tensors, stream)
+        self._executable.run(tensors, stream)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.descriptor} sku={self.sku!r}>"
@@ -91,9 +100,9 @@ class QuantizedLinearPlan(_Plan):
     _descriptor_type = QuantizedLinearDescriptor
     _check = staticmethod(validate.linear_args)
 
-    @staticmethod
-    def _make_kernel(be: Backend, desc):
-        return be.linear_kernel(desc)
+    @classmethod
+    def _make_executable(cls, be: Backend, desc: Any) -> Executable:
+        return be.linear_executable(desc)
 
     def _is_empty(self) -> bool:
         return self.descriptor.m == 0 or self.descriptor.c_out == 0
@@ -106,9 +115,9 @@ class DynamicRangeQuantizePlan(_Plan):
     _descriptor_type = DynamicRangeQuantizeDescriptor
     _check = staticmethod(validate.quantize_args)
 
-    @staticmethod
-    def _make_kernel(be: Backend, desc):
-        return be.quantize_kernel(desc)
+    @classmethod
+    def _make_executable(cls, be: Backend, desc: Any) -> Executable:
+        return be.quantize_executable(desc)
 
     def _is_empty(self) -> bool:
         return self.descriptor.m == 0

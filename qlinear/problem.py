@@ -6,23 +6,33 @@ A descriptor is validated when it is made; arguments are validated against it by
 
 from __future__ import annotations
 
+import functools
 import numbers
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Optional
 
 from .dtypes import DType, as_dtype
 from .errors import InvalidProblem
+from .tensors import Tensor, TensorLike
 
 __all__ = [
     "QuantizedLinearDescriptor",
     "DynamicRangeQuantizeDescriptor",
     "QuantizedLinearArgs",
     "DynamicRangeQuantizeArgs",
+    "LinearTensors",
+    "QuantizeTensors",
+    "ArgumentSpec",
+    "argument_specs",
     "max_exact_k",
     "INT32_MAX",
+    "DECODE_MAX_M",
 ]
 
 INT32_MAX = 2**31 - 1
+#: Largest M that counts as decode: every backend serves M <= this with a kernel that
+#: reads the weight once (GEMV-like) instead of the tiled GEMM.
+DECODE_MAX_M = 16
 #: Largest |weight_q| value: int8 weights may hold -128.
 _W_ABS_MAX = 128
 
@@ -33,7 +43,7 @@ def max_exact_k(q_min: int = -127, q_max: int = 127) -> int:
     return INT32_MAX // (max(-q_min, q_max) * _W_ABS_MAX)
 
 
-def _size(name: str, value) -> int:
+def _size(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise InvalidProblem(f"{name}: expected a non-negative integer, got {value!r}")
     if value < 0:
@@ -41,7 +51,18 @@ def _size(name: str, value) -> int:
     return int(value)
 
 
-def _q_range(q_min, q_max) -> tuple[int, int]:
+def _normalise(desc: object, sizes: tuple[str, ...]) -> None:
+    """The checks both descriptors share: sizes, dtype and q range, stored normalised
+    on the frozen ``desc``."""
+    for name in sizes:
+        object.__setattr__(desc, name, _size(name, getattr(desc, name)))
+    object.__setattr__(desc, "dtype", _float_dtype(getattr(desc, "dtype")))
+    q_min, q_max = _q_range(getattr(desc, "q_min"), getattr(desc, "q_max"))
+    object.__setattr__(desc, "q_min", q_min)
+    object.__setattr__(desc, "q_max", q_max)
+
+
+def _q_range(q_min: object, q_max: object) -> tuple[int, int]:
     for name, v in (("q_min", q_min), ("q_max", q_max)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise InvalidProblem(f"{name}: expected an integer in -128..127, got {v!r}")
@@ -50,10 +71,10 @@ def _q_range(q_min, q_max) -> tuple[int, int]:
     if not q_min < 0 < q_max:
         raise InvalidProblem(
             f"q_min, q_max: expected q_min < 0 < q_max, got q_min={q_min!r}, q_max={q_max!r}")
-    return int(q_min), int(q_max)
+    return int(q_min), int(q_max)  # type: ignore[call-overload]
 
 
-def _float_dtype(value) -> DType:
+def _float_dtype(value: object) -> DType:
     d = as_dtype(value, name="dtype")
     if not d.is_float:
         raise InvalidProblem(f"dtype: expected a float type (f32, f16, bf16, f64), got {d.name}")
@@ -68,35 +89,35 @@ class QuantizedLinearDescriptor:
         m: rows of the activation (tokens).
         c_out: output channels (rows of ``weight_q``).
         k: input features.
-        dtype: TIn, the type of activation, scales, bias and output (f32, f16, bf16, f64).
+        dtype: TIn, the type of activation, scales, bias and output (f32, f16, bf16, f64;
+            a :class:`DType` or anything :func:`qlinear.dtypes.as_dtype` takes).
         q_min, q_max: activation quantization range, default -127..127; int8, q_min < 0 < q_max.
     """
 
     m: int
     c_out: int
     k: int
-    dtype: Any
+    dtype: DType
     q_min: int = -127
     q_max: int = 127
 
-    def __post_init__(self):
-        object.__setattr__(self, "m", _size("m", self.m))
-        object.__setattr__(self, "c_out", _size("c_out", self.c_out))
-        object.__setattr__(self, "k", _size("k", self.k))
-        object.__setattr__(self, "dtype", _float_dtype(self.dtype))
-        q_min, q_max = _q_range(self.q_min, self.q_max)
-        object.__setattr__(self, "q_min", q_min)
-        object.__setattr__(self, "q_max", q_max)
-        limit = max_exact_k(q_min, q_max)
+    def __post_init__(self) -> None:
+        _normalise(self, ("m", "c_out", "k"))
+        limit = max_exact_k(self.q_min, self.q_max)
         if self.k > limit:
             raise InvalidProblem(
                 f"k: expected at most {limit} so that the int32 accumulation is exact "
-                f"(K * {max(-q_min, q_max)} * 128 < 2**31), got {self.k}")
+                f"(K * {max(-self.q_min, self.q_max)} * 128 < 2**31), got {self.k}")
 
     @property
     def activation_pass(self) -> "DynamicRangeQuantizeDescriptor":
         """The descriptor of this problem's activation pass alone."""
         return DynamicRangeQuantizeDescriptor(self.m, self.k, self.dtype, self.q_min, self.q_max)
+
+    @property
+    def is_decode(self) -> bool:
+        """Whether M is small enough (<= :data:`DECODE_MAX_M`) for the decode kernels."""
+        return self.m <= DECODE_MAX_M
 
     @property
     def ops(self) -> int:
@@ -110,22 +131,49 @@ class DynamicRangeQuantizeDescriptor:
 
     m: int
     k: int
-    dtype: Any
+    dtype: DType
     q_min: int = -127
     q_max: int = 127
 
-    def __post_init__(self):
-        object.__setattr__(self, "m", _size("m", self.m))
-        object.__setattr__(self, "k", _size("k", self.k))
-        object.__setattr__(self, "dtype", _float_dtype(self.dtype))
-        q_min, q_max = _q_range(self.q_min, self.q_max)
-        object.__setattr__(self, "q_min", q_min)
-        object.__setattr__(self, "q_max", q_max)
+    def __post_init__(self) -> None:
+        _normalise(self, ("m", "k"))
+
+
+# -- arguments ----------------------------------------------------------------------
+#
+# Each argument is declared once, in its Args class, with what validation needs to
+# know as field metadata: its shape (in descriptor attribute names), whether its
+# element type is TIn or s8, whether the run writes it, and whether it may be None.
+
+
+@dataclass(frozen=True)
+class ArgumentSpec:
+    """What one argument must be: ``shape`` as descriptor attribute names (``("m", "k")``),
+    ``int8`` (s8) or TIn, ``written`` by the run, ``optional`` (None allowed)."""
+
+    name: str
+    shape: tuple[str, ...]
+    int8: bool = False
+    written: bool = False
+    optional: bool = False
+
+
+def _arg(*shape: str, int8: bool = False, written: bool = False,
+         optional: bool = False) -> Any:
+    spec = {"shape": shape, "int8": int8, "written": written, "optional": optional}
+    return field(default=None, metadata=spec) if optional else field(metadata=spec)
+
+
+@functools.lru_cache(maxsize=None)
+def argument_specs(args_type: type) -> tuple[ArgumentSpec, ...]:
+    """The :class:`ArgumentSpec` of every field of an Args class, in declaration order."""
+    return tuple(ArgumentSpec(f.name, **f.metadata) for f in fields(args_type))
 
 
 @dataclass
 class QuantizedLinearArgs:
-    """The tensors of one linear run. Each is a backend tensor (or, on cpu, a numpy array).
+    """The tensors of one linear run. Each is a backend tensor, or what the backend wraps
+    without a copy (a numpy array on cpu; a torch or CuPy CUDA tensor on cuda).
 
     Shapes and dtypes (TIn = the descriptor's dtype):
         activation ``x[M, K]`` TIn; weight_q ``[C_out, K]`` s8; weight_scale ``[C_out]`` TIn;
@@ -135,13 +183,13 @@ class QuantizedLinearArgs:
     quantized activation and its per-row scales.
     """
 
-    activation: Any
-    weight_q: Any
-    weight_scale: Any
-    output: Any
-    act_q_scratch: Any
-    act_scale_scratch: Any
-    bias: Optional[Any] = None
+    activation: TensorLike = _arg("m", "k")
+    weight_q: TensorLike = _arg("c_out", "k", int8=True)
+    weight_scale: TensorLike = _arg("c_out")
+    output: TensorLike = _arg("m", "c_out", written=True)
+    act_q_scratch: TensorLike = _arg("m", "k", int8=True, written=True)
+    act_scale_scratch: TensorLike = _arg("m", written=True)
+    bias: Optional[TensorLike] = _arg("c_out", optional=True)
 
 
 @dataclass
@@ -149,8 +197,36 @@ class DynamicRangeQuantizeArgs:
     """The tensors of one activation pass: activation ``x[M, K]`` TIn, act_q ``[M, K]`` s8
     (output), act_scale ``[M]`` TIn (output)."""
 
-    activation: Any
-    act_q: Any
-    act_scale: Any
+    activation: TensorLike = _arg("m", "k")
+    act_q: TensorLike = _arg("m", "k", int8=True, written=True)
+    act_scale: TensorLike = _arg("m", written=True)
 
 
+# -- validated bundles ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinearTensors:
+    """:class:`QuantizedLinearArgs` after validation: every argument a checked
+    :class:`Tensor` of the plan's backend (``bias`` may be None). What executables run on."""
+
+    args_type: ClassVar[type] = QuantizedLinearArgs
+
+    activation: Tensor
+    weight_q: Tensor
+    weight_scale: Tensor
+    output: Tensor
+    act_q_scratch: Tensor
+    act_scale_scratch: Tensor
+    bias: Optional[Tensor]
+
+
+@dataclass(frozen=True)
+class QuantizeTensors:
+    """:class:`DynamicRangeQuantizeArgs` after validation: checked :class:`Tensor` s."""
+
+    args_type: ClassVar[type] = DynamicRangeQuantizeArgs
+
+    activation: Tensor
+    act_q: Tensor
+    act_scale: Tensor

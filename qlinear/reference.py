@@ -28,7 +28,8 @@ def reference_linear(x, weight_q, weight_scale, bias, dtype: DType, q_min=-127, 
     good = finite & ~underflow
     with np.errstate(invalid="ignore", over="ignore"):
         q[good] = np.clip(np.rint(xc[good] / scale[good].astype(ct)[:, None]), q_min, q_max)
-    acc = q @ np.asarray(weight_q).astype(np.int64).T
+    # float64 BLAS is exact here: every product and partial sum is an integer below 2**53.
+    acc = (q.astype(np.float64) @ np.asarray(weight_q).astype(np.float64).T).astype(np.int64)
     with np.errstate(invalid="ignore", over="ignore"):
         y = (acc.astype(ct) * scale.astype(ct)[:, None]) * np.asarray(weight_scale).astype(ct)
         if bias is not None:

@@ -2,23 +2,47 @@
 
 A :class:`Tensor` does not own a copy of anything: ``handle`` is the backend's own
 object (a numpy array on cpu, a ``wgpu.GPUBuffer`` on wgpu, a device pointer owner
-on cuda). ``memory``/``byte_offset`` locate the bytes, so aliasing between any two
-views of one backend can be checked without knowing the backend.
+on cuda). Where element 0 sits is said in the terms of the memory it lives in:
+``data_ptr``, an address, for memory that has addresses (host memory on cpu, device
+memory on cuda); ``buffer_offset``, bytes from the start of ``handle``, for memory that
+has none (a WebGPU buffer). Either one, with ``memory`` naming the address space, locates
+the bytes, so aliasing between any two views of one backend can be checked without
+knowing the backend.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Hashable
+from typing import Any, Hashable, Optional, Protocol, Sequence, Union, runtime_checkable
+
+import numpy as np
 
 from .dtypes import DType
 
-__all__ = ["Tensor", "contiguous_strides"]
+__all__ = ["Tensor", "TensorLike", "contiguous_strides", "SupportsDLPack",
+           "SupportsCudaArrayInterface"]
+
+
+@runtime_checkable
+class SupportsDLPack(Protocol):
+    """An array that exports itself through DLPack (torch, CuPy, JAX, numpy)."""
+
+    def __dlpack__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def __dlpack_device__(self) -> tuple[int, int]: ...
+
+
+@runtime_checkable
+class SupportsCudaArrayInterface(Protocol):
+    """A CUDA array exporting ``__cuda_array_interface__`` (torch, CuPy, Numba)."""
+
+    @property
+    def __cuda_array_interface__(self) -> dict: ...
 
 
 @functools.lru_cache(maxsize=4096)
-def contiguous_strides(shape: tuple) -> tuple[int, ...]:
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     """Row-major strides, in elements, of a tensor of ``shape``."""
     strides = []
     step = 1
@@ -39,19 +63,25 @@ class Tensor:
         strides: tuple, in elements (not bytes); a backend passes a non-integer stride
             for memory that is not a whole number of elements apart (never valid).
         handle: the backend's native object.
-        memory: a hashable naming the allocation space (views into one buffer share it).
-        byte_offset: where element 0 sits inside ``memory``, in bytes.
+        memory: a hashable naming the address space (views into one buffer share it).
+        data_ptr: the address of element 0 (host address on cpu, device pointer on cuda),
+            or None where the memory has no addresses.
+        buffer_offset: where element 0 sits inside ``handle``, in bytes (wgpu), or None
+            where ``data_ptr`` is given.
         owner: whatever must stay alive for the memory to stay valid.
         readonly: the creator promised nobody writes it (``from_numpy(..., readonly=True)``);
             a backend may then keep data derived from it in ``cache``.
     """
 
     __slots__ = ("backend", "device", "shape", "dtype", "strides", "handle", "memory",
-                 "byte_offset", "owner", "readonly", "cache", "size", "_span", "__weakref__")
+                 "data_ptr", "buffer_offset", "owner", "readonly", "cache", "size", "_span", "__weakref__")
 
-    def __init__(self, backend: str, device: str, shape, dtype: DType, strides, handle: Any,
-                 memory: Hashable, byte_offset: int = 0, owner: Any = None,
-                 readonly: bool = False):
+    def __init__(self, backend: str, device: str, shape: Sequence[int], dtype: DType,
+                 strides: Sequence[Union[int, float]], handle: Any, memory: Hashable, *,
+                 data_ptr: Optional[int] = None, buffer_offset: Optional[int] = None,
+                 owner: Any = None, readonly: bool = False):
+        if (data_ptr is None) == (buffer_offset is None):
+            raise ValueError("Tensor: give exactly one of data_ptr and buffer_offset")
         self.backend = backend
         self.device = device
         self.shape = tuple(map(int, shape))
@@ -59,14 +89,30 @@ class Tensor:
         self.strides = tuple(strides)  # kept as given: a fractional stride must stay invalid
         self.handle = handle
         self.memory = memory
-        self.byte_offset = int(byte_offset)
+        self.data_ptr = None if data_ptr is None else int(data_ptr)
+        self.buffer_offset = None if buffer_offset is None else int(buffer_offset)
         self.owner = owner
         self.readonly = bool(readonly)
         # Derived data a backend may keep for read-only tensors (e.g. cpu's f32 weight).
-        self.cache: dict = {}
+        self.cache: dict[Any, Any] = {}
         #: Number of elements.
         self.size = math.prod(self.shape)
-        self._span = None
+        self._span: Optional[tuple[int, int]] = None
+
+    @property
+    def origin(self) -> int:
+        """Where element 0 sits in ``memory``'s address space, in bytes: ``data_ptr`` or
+        ``buffer_offset``, whichever this memory has."""
+        return self.data_ptr if self.data_ptr is not None else int(self.buffer_offset or 0)
+
+    def view(self, shape: Sequence[int], *, origin: Optional[int] = None) -> "Tensor":
+        """A view of the same memory, with the same strides, of another ``shape`` (e.g. the
+        first rows), whose element 0 sits at ``origin`` (default: where this one's does)."""
+        origin = self.origin if origin is None else int(origin)
+        where = ({"data_ptr": origin} if self.data_ptr is not None
+                 else {"buffer_offset": origin})
+        return Tensor(self.backend, self.device, shape, self.dtype, self.strides, self.handle,
+                      self.memory, owner=self.owner, readonly=self.readonly, **where)
 
     @property
     def ndim(self) -> int:
@@ -81,7 +127,7 @@ class Tensor:
 
     def _compute_span(self) -> tuple[int, int]:
         if self.size == 0:
-            return (self.byte_offset, self.byte_offset)
+            return (self.origin, self.origin)
         lo = hi = 0
         for n, s in zip(self.shape, self.strides):
             extent = (n - 1) * s
@@ -90,7 +136,8 @@ class Tensor:
             else:
                 hi += extent
         item = self.dtype.itemsize
-        return (self.byte_offset + lo * item, self.byte_offset + (hi + 1) * item)
+        base = self.origin
+        return (int(base + lo * item), int(base + (hi + 1) * item))
 
     def overlaps(self, other: "Tensor") -> bool:
         """Whether the two views can touch a common byte."""
@@ -103,3 +150,9 @@ class Tensor:
     def __repr__(self) -> str:
         return (f"Tensor(backend={self.backend!r}, device={self.device!r}, shape={self.shape}, "
                 f"dtype={self.dtype.name}, strides={self.strides})")
+
+
+#: What a plan argument may be: a backend's :class:`Tensor`, or what the backend wraps
+#: without a copy (a numpy array on cpu; an object with ``__cuda_array_interface__`` or
+#: ``__dlpack__`` on cuda).
+TensorLike = Union[Tensor, np.ndarray, SupportsCudaArrayInterface, SupportsDLPack]

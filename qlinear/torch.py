@@ -210,7 +210,7 @@ class QLinear(nn.Module):
     def _backend_for(self, device: torch.device) -> Backend:
         if self.backend is not None:
             be = _get_backend(self.backend)
-            if device.type != "cpu" and be.name != device.type:
+            if device.type != "cpu" and be.torch_device_type != device.type:
                 raise InvalidProblem(
                     f"input: expected a CPU tensor or a tensor for backend {be.name!r}, got one "
                     f"on {device}; quantize with backend={device.type!r} (or backend=None, which "
@@ -294,7 +294,7 @@ class QLinear(nn.Module):
         m = x2.shape[0]
         be = layer.backend
         if x2.device.type == "cpu":
-            if be.name == "cpu":
+            if be.torch_device_type == "cpu":
                 y = torch.empty((m, self.out_features), dtype=x2.dtype)
                 if x2.dtype == torch.bfloat16:
                     layer.forward(to_numpy_view(x2), out=to_numpy_view(y))

@@ -1,25 +1,39 @@
 """Every argument check, written once, used by every backend.
 
 The checks run before anything is written: a plan that raises here leaves the
-output and both scratches as they were.
+output and both scratches as they were. What each argument must be (shape, element
+type, written or read) is declared once, on its Args class (:mod:`qlinear.problem`);
+validation returns the typed bundle the executables run on.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, TypeVar, Union
 
 from .dtypes import DType, s8
 from .errors import InvalidProblem
 from .problem import (
     DynamicRangeQuantizeArgs,
     DynamicRangeQuantizeDescriptor,
+    LinearTensors,
     QuantizedLinearArgs,
     QuantizedLinearDescriptor,
+    QuantizeTensors,
+    argument_specs,
 )
 from .tensors import Tensor
 
-__all__ = ["check_tensor", "check_no_alias", "linear_args", "quantize_args"]
+if TYPE_CHECKING:
+    from .backends.base import Backend
+
+__all__ = ["check_tensor", "check_no_alias", "check_args", "linear_args", "quantize_args"]
+
+Descriptor = Union[QuantizedLinearDescriptor, DynamicRangeQuantizeDescriptor]
+Bundle = TypeVar("Bundle", LinearTensors, QuantizeTensors)
 
 
-def check_tensor(backend, name: str, obj, shape: tuple, dtype: DType) -> Tensor:
+def check_tensor(backend: "Backend", name: str, obj: Any, shape: Sequence[int],
+                 dtype: DType) -> Tensor:
     """Wrap ``obj`` on ``backend`` and check its dtype, shape and layout.
 
     Returns the :class:`Tensor`. Raises :class:`InvalidProblem` naming ``name``.
@@ -45,12 +59,12 @@ def check_tensor(backend, name: str, obj, shape: tuple, dtype: DType) -> Tensor:
     return t
 
 
-def _same_strides(shape, got, want) -> bool:
+def _same_strides(shape: Sequence[int], got: Sequence[Any], want: Sequence[int]) -> bool:
     # A dimension of extent 1 can have any stride without changing the layout.
     return all(n == 1 or g == w for n, g, w in zip(shape, got, want))
 
 
-def check_no_alias(written: dict, others: dict) -> None:
+def check_no_alias(written: Mapping[str, Tensor], others: Mapping[str, Tensor]) -> None:
     """Raise if a tensor that the run writes overlaps any other tensor of the run."""
     for a, t in written.items():
         if t.readonly:
@@ -69,39 +83,37 @@ def check_no_alias(written: dict, others: dict) -> None:
                     f"overlaps {b}")
 
 
-def linear_args(backend, desc: QuantizedLinearDescriptor, args: QuantizedLinearArgs) -> dict:
-    """Check ``args`` against ``desc`` on ``backend``; return the tensors by argument name."""
-    if not isinstance(args, QuantizedLinearArgs):
-        raise InvalidProblem(f"args: expected QuantizedLinearArgs, got {type(args).__name__}")
-    m, n, k, dt = desc.m, desc.c_out, desc.k, desc.dtype
-    t = {
-        "activation": check_tensor(backend, "activation", args.activation, (m, k), dt),
-        "weight_q": check_tensor(backend, "weight_q", args.weight_q, (n, k), s8),
-        "weight_scale": check_tensor(backend, "weight_scale", args.weight_scale, (n,), dt),
-        "output": check_tensor(backend, "output", args.output, (m, n), dt),
-        "act_q_scratch": check_tensor(backend, "act_q_scratch", args.act_q_scratch, (m, k), s8),
-        "act_scale_scratch": check_tensor(backend, "act_scale_scratch", args.act_scale_scratch,
-                                          (m,), dt),
-    }
-    t["bias"] = None if args.bias is None else check_tensor(backend, "bias", args.bias, (n,), dt)
-    written = {name: t[name] for name in ("output", "act_q_scratch", "act_scale_scratch")}
-    read = {name: t[name] for name in ("activation", "weight_q", "weight_scale", "bias")
-            if t[name] is not None}
+def check_args(backend: "Backend", desc: Descriptor, args: Any,
+               bundle: type[Bundle]) -> Bundle:
+    """Check every argument of ``args`` (an instance of ``bundle.args_type``) against
+    ``desc`` on ``backend``, then that no written argument overlaps another; return the
+    checked tensors as a ``bundle``."""
+    args_type = bundle.args_type
+    if not isinstance(args, args_type):
+        raise InvalidProblem(f"args: expected {args_type.__name__}, got {type(args).__name__}")
+    tensors: dict[str, Optional[Tensor]] = {}
+    written: dict[str, Tensor] = {}
+    read: dict[str, Tensor] = {}
+    for spec in argument_specs(args_type):
+        obj = getattr(args, spec.name)
+        if obj is None and spec.optional:
+            tensors[spec.name] = None
+            continue
+        shape = tuple(getattr(desc, dim) for dim in spec.shape)
+        t = check_tensor(backend, spec.name, obj, shape, s8 if spec.int8 else desc.dtype)
+        tensors[spec.name] = t
+        (written if spec.written else read)[spec.name] = t
     check_no_alias(written, read)
-    return t
+    return bundle(**tensors)
 
 
-def quantize_args(backend, desc: DynamicRangeQuantizeDescriptor,
-                  args: DynamicRangeQuantizeArgs) -> dict:
-    """Check activation-pass ``args`` against ``desc``; return the tensors by argument name."""
-    if not isinstance(args, DynamicRangeQuantizeArgs):
-        raise InvalidProblem(f"args: expected DynamicRangeQuantizeArgs, got {type(args).__name__}")
-    m, k, dt = desc.m, desc.k, desc.dtype
-    t = {
-        "activation": check_tensor(backend, "activation", args.activation, (m, k), dt),
-        "act_q": check_tensor(backend, "act_q", args.act_q, (m, k), s8),
-        "act_scale": check_tensor(backend, "act_scale", args.act_scale, (m,), dt),
-    }
-    check_no_alias({"act_q": t["act_q"], "act_scale": t["act_scale"]},
-                   {"activation": t["activation"]})
-    return t
+def linear_args(backend: "Backend", desc: QuantizedLinearDescriptor,
+                args: QuantizedLinearArgs) -> LinearTensors:
+    """Check ``args`` against ``desc`` on ``backend``; return the checked tensors."""
+    return check_args(backend, desc, args, LinearTensors)
+
+
+def quantize_args(backend: "Backend", desc: DynamicRangeQuantizeDescriptor,
+                  args: DynamicRangeQuantizeArgs) -> QuantizeTensors:
+    """Check activation-pass ``args`` against ``desc``; return the checked tensors."""
+    return check_args(backend, desc, args, QuantizeTensors)

@@ -15,7 +15,7 @@ MODULES = ["qlinear", "qlinear.dtypes", "qlinear.errors", "qlinear.tensors", "ql
            "qlinear.backends.base", "qlinear.backends.cpu", "qlinear.resources", "qlinear.cli",
            "qlinear.pytest_plugin", "qlinear.reference"]
 OPTIONAL = ["qlinear.backends.wgpu", "qlinear.backends.cuda", "qlinear.kernel_cache",
-            "qlinear.peers", "qlinear.torch"]
+            "qlinear.bench", "qlinear.bench.peers", "qlinear.torch"]
 
 
 def _public(obj):

@@ -32,9 +32,10 @@ def host(name, shape=None, dtype=None, rng=None):
 
 def view(t, *, shape=None, strides=None, offset=0, backend=None, dtype=None):
     """Another qlinear view of ``t``'s memory (shape, strides in elements, element offset)."""
+    where = {"data_ptr" if t.data_ptr is not None else "buffer_offset":
+             t.origin + offset * t.dtype.itemsize}
     return ql.Tensor(backend or t.backend, t.device, shape or t.shape, dtype or t.dtype,
-                     strides or t.strides, t.handle, t.memory,
-                     t.byte_offset + offset * t.dtype.itemsize, owner=t)
+                     strides or t.strides, t.handle, t.memory, owner=t, **where)
 
 
 def strided(be, name):

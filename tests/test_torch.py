@@ -1,4 +1,4 @@
-"""The torch adapter (``qlinear.torch``) and the torch peers (``qlinear.peers``).
+"""The torch adapter (``qlinear.torch``) and the torch peers (``qlinear.bench.peers``).
 
 Device-parametrised tests run on CPU tensors (cpu backend) and on CUDA tensors (cuda
 backend, zero-copy on torch's current stream) where both torch CUDA and qlinear's cuda
@@ -21,7 +21,7 @@ from torch import nn  # noqa: E402
 
 import qlinear as ql  # noqa: E402
 import qlinear.torch as qlt  # noqa: E402
-from qlinear.peers import TORCH_MATMUL, TORCH_W8A8, torch_peers  # noqa: E402
+from qlinear.bench.peers import TORCH_MATMUL, TORCH_W8A8, torch_peers  # noqa: E402
 
 TDTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TD_IDS = ["f32", "f16", "bf16"]
@@ -519,14 +519,14 @@ def test_cuda_tensor_needs_cuda_backend():
 
 
 def test_core_does_not_import_torch():
-    code = ("import sys, numpy as np, qlinear, qlinear.peers, qlinear.cli\n"
+    code = ("import sys, numpy as np, qlinear, qlinear.bench.peers, qlinear.cli\n"
             "qlinear.QuantizedLinear.from_float(np.eye(4, dtype=np.float32), backend='cpu')\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 
 
-@pytest.mark.parametrize("modname", ["qlinear.torch", "qlinear.peers"])
+@pytest.mark.parametrize("modname", ["qlinear.torch", "qlinear.bench.peers"])
 def test_public_names_have_docstrings(modname):
     import importlib
     import inspect

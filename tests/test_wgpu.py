@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 import qlinear as ql
+from qlinear.bench import float_matmul
+from qlinear.bench.wgpu_kernels import micro_kernels
 from qltest import (assert_bitwise_equal, check_linear, oracle_linear, oracle_quantize, poisoned,
                     random_activation, random_scale, random_weight)
 
@@ -46,7 +48,7 @@ def _plan(be, m, n, k, dtype, **settings):
 
 
 def _dispatch_count(plan):
-    (d,) = plan._kernel._runs.entries.values()
+    (d,) = plan._executable._runs.entries.values()
     return len(d.items)
 
 
@@ -326,7 +328,7 @@ def test_wrap_buffer(be, rng):
     a = rng.standard_normal((4, 5)).astype(np.float16)
     be.device.queue.write_buffer(buf, 64, a.tobytes())
     t = be.wrap_buffer(buf, (4, 5), ql.f16, offset=64)
-    assert t.handle is buf and t.memory is buf and t.byte_offset == 64
+    assert t.handle is buf and t.memory is buf and t.buffer_offset == 64
     assert_bitwise_equal(be.to_numpy(t), a, "wrapped")
     with pytest.raises(ql.InvalidProblem, match="STORAGE"):
         be.wrap_buffer(be.device.create_buffer(size=64, usage=u.COPY_DST | u.MAP_READ), (2,), ql.f32)
@@ -522,8 +524,8 @@ def test_pipelines_are_cached_per_device(be):
     p2 = _plan(be, 33, 20, 40, ql.bf16)
     p3 = _plan(be, 35, 21, 40, ql.bf16)  # same kernels, other shape: same pipelines
     assert be.cache_info() == before
-    assert p1._kernel.gemm_pipelines[True] is p2._kernel.gemm_pipelines[True]
-    assert p1._kernel.quant_pipeline is p3._kernel.quant_pipeline
+    assert p1._executable.gemm_pipelines[True] is p2._executable.gemm_pipelines[True]
+    assert p1._executable.quant_pipeline is p3._executable.quant_pipeline
     # A new q range is a new override value: one more pipeline, no new module.
     ql.QuantizedLinearPlan.select(be, ql.QuantizedLinearDescriptor(35, 21, 40, ql.bf16, -61, 59))
     after = be.cache_info()
@@ -545,7 +547,7 @@ def test_run_cache_forgets_collected_buffers(be, rng):
         plan.run(args)
         plan.run(args)  # the second run reuses the entry
         sets.append(args)
-    runs = plan._kernel._runs
+    runs = plan._executable._runs
     assert len(runs) == 3
     del sets[-1], args
     gc.collect()
@@ -583,9 +585,9 @@ def test_info_and_facts(be):
 
 
 def test_float_matmul_and_micro_kernels(be):
-    run = be.float_matmul(64, 32, 48, ql.f16)
+    run = float_matmul(be, 64, 32, 48, ql.f16)
     run()
-    micro = be.micro_kernels(words=1 << 12, iters=4)
+    micro = micro_kernels(be, words=1 << 12, iters=4)
     for name in ("dot4", "copy"):
         f, amount = micro[name]
         f()
@@ -595,7 +597,7 @@ def test_float_matmul_and_micro_kernels(be):
 def test_float_matmul_is_a_matmul(be, rng):
     """The benchmark baseline computes what it claims (f32, edges of the 128 blocks)."""
     m, k, n = 130, 37, 129
-    run = be.float_matmul(m, k, n, ql.f32)
+    run = float_matmul(be, m, k, n, ql.f32)
     run()
     a_t, b_t, c_t, _ = run.keep
     a, b = be.to_numpy(a_t), be.to_numpy(b_t)

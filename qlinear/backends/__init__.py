@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..errors import BackendUnavailable, InvalidProblem
-from .base import Backend, Kernel, PrecisionGuarantee
+from .base import Backend, Executable, PrecisionGuarantee
 
-__all__ = ["Backend", "Kernel", "PrecisionGuarantee", "backend", "backend_names",
+__all__ = ["Backend", "Executable", "PrecisionGuarantee", "backend", "backend_names",
            "register_backend", "BackendStatus", "backend_status"]
 
 # name -> (module, what to install). Order is preference order for ql.backend().

@@ -1,22 +1,31 @@
-"""The interface every backend fills in: tensors, kernels, device facts.
+"""The interface every backend fills in: tensors, executables, device facts.
 
-A backend is one file in ``qlinear/backends/`` that defines a :class:`Backend`
-subclass and a ``create()`` function; its kernels live in ``shaders/`` or ``cuda/``.
+A backend is a module (``cpu.py``) or a package (``wgpu/``, ``cuda/``) in
+``qlinear/backends/`` whose top level defines a :class:`Backend` subclass and a
+``create()`` function; its kernel sources live in ``shaders/`` or ``cuda/``.
 Validation, plans and the layer are shared and call only what is declared here.
+
+Words: an *executable* is what a plan runs (one or more device kernels and their
+launch glue, chosen and prepared for one descriptor); a *kernel* is one compiled
+device function (a WGSL entry point, a CUDA ``__global__`` function).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
-from ..dtypes import DType
+from ..dtypes import DType, DTypeLike
+from ..errors import InvalidProblem
 from ..tensors import Tensor, contiguous_strides
 
-__all__ = ["Backend", "Kernel", "PrecisionGuarantee"]
+if TYPE_CHECKING:
+    from ..problem import DynamicRangeQuantizeDescriptor, QuantizedLinearDescriptor
+
+__all__ = ["Backend", "Executable", "PrecisionGuarantee"]
 
 
 @dataclass(frozen=True)
@@ -38,8 +47,9 @@ class PrecisionGuarantee:
     note: str = ""
 
 
-class Kernel(ABC):
-    """A compiled, ready-to-run implementation of one descriptor on one backend."""
+class Executable(ABC):
+    """What a plan runs: the kernels chosen for one descriptor on one backend, compiled
+    and ready, with their launch glue."""
 
     #: Names the kernel(s) chosen, e.g. ``"cpu.blas_f32_chunk1024"``.
     sku: str = ""
@@ -47,9 +57,10 @@ class Kernel(ABC):
     precision_guarantee: PrecisionGuarantee = PrecisionGuarantee()
 
     @abstractmethod
-    def run(self, tensors: dict, stream: Any = None) -> None:
-        """Run on already-validated tensors (a dict by argument name). Must not raise
-        for valid arguments except for device failures (:class:`DeviceError`)."""
+    def run(self, tensors: Any, stream: Any = None) -> None:
+        """Run on already-validated tensors (a :class:`LinearTensors` or
+        :class:`QuantizeTensors` bundle). Must not raise for valid arguments except for
+        device failures (:class:`DeviceError`) and a stream this backend cannot use."""
 
 
 class Backend(ABC):
@@ -61,6 +72,12 @@ class Backend(ABC):
     device_id: str = ""
     #: Whether this backend runs on a GPU (a CPU adapter such as lavapipe is not one).
     is_gpu: bool = False
+    #: Whether tensors live in host memory as numpy arrays (plans take numpy arrays as
+    #: they are; the layer runs numpy inputs without an upload).
+    host_memory: bool = False
+    #: The torch device type whose tensors this backend uses without a copy
+    #: (``"cpu"``, ``"cuda"``), or None.
+    torch_device_type: Optional[str] = None
 
     @property
     def device_name(self) -> str:
@@ -69,7 +86,7 @@ class Backend(ABC):
 
     # -- tensors -------------------------------------------------------------------
     @abstractmethod
-    def empty(self, shape, dtype: DType) -> Tensor:
+    def empty(self, shape: Sequence[int], dtype: DTypeLike) -> Tensor:
         """A new tensor of ``shape`` and ``dtype`` with unspecified contents."""
 
     @abstractmethod
@@ -86,35 +103,34 @@ class Backend(ABC):
         """Return ``obj`` as a :class:`Tensor` of this backend without copying;
         raise :class:`InvalidProblem` naming ``name`` if it cannot be used here."""
 
-    def expected_strides(self, shape, dtype: DType) -> tuple:
+    def expected_strides(self, shape: Sequence[int], dtype: DType) -> tuple[int, ...]:
         """The strides (elements) a tensor of ``shape`` must have to be used by a plan."""
-        return contiguous_strides(shape)
+        return contiguous_strides(tuple(shape))
 
-    @abstractmethod
     def narrow(self, tensor: Tensor, rows: int) -> Tensor:
-        """A view of the first ``rows`` rows of a backend-allocated ``tensor``."""
+        """A view of the first ``rows`` rows of ``tensor`` (same memory, same strides)."""
+        t = self.wrap(tensor)
+        if not 0 <= rows <= t.shape[0]:
+            raise InvalidProblem(f"rows: expected 0..{t.shape[0]}, got {rows}")
+        return t.view((int(rows),) + t.shape[1:])
 
     def synchronize(self, stream: Any = None) -> None:
         """Wait until the work submitted so far (on ``stream``) has finished."""
 
-    # -- kernels -------------------------------------------------------------------
+    # -- executables ---------------------------------------------------------------
     @abstractmethod
-    def linear_kernel(self, desc) -> Kernel:
-        """The kernel for a :class:`QuantizedLinearDescriptor` (raise :class:`Unsupported`)."""
+    def linear_executable(self, desc: "QuantizedLinearDescriptor") -> Executable:
+        """The executable for a :class:`QuantizedLinearDescriptor`, compiled and ready
+        (raise :class:`Unsupported` when this backend cannot run it)."""
 
     @abstractmethod
-    def quantize_kernel(self, desc) -> Kernel:
-        """The kernel for a :class:`DynamicRangeQuantizeDescriptor`."""
+    def quantize_executable(self, desc: "DynamicRangeQuantizeDescriptor") -> Executable:
+        """The executable for a :class:`DynamicRangeQuantizeDescriptor`."""
 
-    # -- facts and peers -------------------------------------------------------------
-    def info(self) -> dict:
+    # -- facts -----------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
         """Device, limits and kernel choices, for ``qlinear info``."""
         return {"device": self.device_name}
-
-    def float_matmul(self, m: int, k: int, n: int, dtype: DType) -> Optional[Callable[[], None]]:
-        """For benchmarks: a callable that runs a floating-point ``[m,k] @ [k,n]`` matmul
-        of ``dtype`` on this device on fresh random data and waits for it, or None."""
-        return None
 
     def __repr__(self) -> str:
         return f"<qlinear backend {self.name!r} on {self.device_name}>"

@@ -20,13 +20,16 @@ temporaries stay bounded.
 from __future__ import annotations
 
 import os
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from ..dtypes import DType, as_dtype, f64
+from ..dtypes import DType, DTypeLike, as_dtype, f64
 from ..errors import InvalidProblem
 from ..tensors import Tensor
-from .base import Backend, Kernel, PrecisionGuarantee
+from ..problem import (DynamicRangeQuantizeDescriptor, LinearTensors, QuantizedLinearDescriptor,
+                       QuantizeTensors)
+from .base import Backend, Executable, PrecisionGuarantee
 
 __all__ = ["CpuBackend", "create", "quantize_rows", "int_matmul", "dequantize"]
 
@@ -44,7 +47,8 @@ def _chunk(q_min: int, q_max: int) -> int:
     return _F32_EXACT // (max(-q_min, q_max) * 128)
 
 
-def quantize_rows(x: np.ndarray, dtype: DType, q_min: int, q_max: int):
+def quantize_rows(x: np.ndarray, dtype: DType, q_min: int,
+                  q_max: int) -> tuple[np.ndarray, np.ndarray]:
     """The activation pass (steps 1-3) for ``x[M, K]`` of ``dtype``.
 
     Returns ``(q, scale)``: ``q[M, K]`` as the compute type holding integers in
@@ -93,7 +97,8 @@ def int_matmul(q: np.ndarray, w_t: np.ndarray, chunk: int) -> np.ndarray:
     return acc
 
 
-def dequantize(acc: np.ndarray, scale: np.ndarray, weight_scale: np.ndarray, bias, out: np.ndarray):
+def dequantize(acc: np.ndarray, scale: np.ndarray, weight_scale: np.ndarray,
+               bias: Optional[np.ndarray], out: np.ndarray) -> None:
     """Step 5: ``out[M, N] = ((C(acc) * C(scale)) * C(weight_scale)) (+ C(bias))``, one rounding.
 
     ``acc`` may be overwritten."""
@@ -108,7 +113,7 @@ def dequantize(acc: np.ndarray, scale: np.ndarray, weight_scale: np.ndarray, bia
         _store(np.add, y, bias.astype(ct, copy=False), out)
 
 
-def _store(op, y: np.ndarray, operand: np.ndarray, out: np.ndarray) -> None:
+def _store(op: Callable[..., Any], y: np.ndarray, operand: np.ndarray, out: np.ndarray) -> None:
     """``out[...] = op(y, operand)`` rounded once to out's type; no temporary when it is y's."""
     if out.dtype == y.dtype:
         op(y, operand, out=out)
@@ -121,16 +126,16 @@ def _block_rows(m: int, k: int, n: int) -> int:
     return max(1, min(m, _BLOCK_BYTES // max(1, 8 * (k + n))))
 
 
-class _QuantizeKernel(Kernel):
+class _QuantizeExecutable(Executable):
     precision_guarantee = PrecisionGuarantee(note="the reference: exact division, round half to even")
 
-    def __init__(self, desc):
+    def __init__(self, desc: DynamicRangeQuantizeDescriptor):
         self.desc = desc
         self.sku = "cpu.rowquant"
 
-    def run(self, t, stream=None):
+    def run(self, t: QuantizeTensors, stream: Any = None) -> None:
         d = self.desc
-        x, act_q, act_scale = t["activation"].handle, t["act_q"].handle, t["act_scale"].handle
+        x, act_q, act_scale = t.activation.handle, t.act_q.handle, t.act_scale.handle
         step = _block_rows(d.m, d.k, 0)
         with np.errstate(invalid="ignore"):
             for m0 in range(0, d.m, step):
@@ -139,11 +144,11 @@ class _QuantizeKernel(Kernel):
                 act_scale[m0:m0 + step] = scale
 
 
-class _LinearKernel(Kernel):
+class _LinearExecutable(Executable):
     precision_guarantee = PrecisionGuarantee(
         note="the reference: exact division, round half to even, exact int32 via float BLAS chunks")
 
-    def __init__(self, desc):
+    def __init__(self, desc: QuantizedLinearDescriptor):
         self.desc = desc
         self.chunk = _chunk(desc.q_min, desc.q_max)
         ct = _compute_type(desc.dtype)
@@ -161,13 +166,13 @@ class _LinearKernel(Kernel):
                 wt.cache[key] = w_t
         return w_t
 
-    def run(self, t, stream=None):
+    def run(self, t: LinearTensors, stream: Any = None) -> None:
         d = self.desc
-        x, out = t["activation"].handle, t["output"].handle
-        act_q, act_scale = t["act_q_scratch"].handle, t["act_scale_scratch"].handle
-        w_t = self._weight(t["weight_q"])
-        ws = t["weight_scale"].handle
-        bias = None if t["bias"] is None else t["bias"].handle
+        x, out = t.activation.handle, t.output.handle
+        act_q, act_scale = t.act_q_scratch.handle, t.act_scale_scratch.handle
+        w_t = self._weight(t.weight_q)
+        ws = t.weight_scale.handle
+        bias = None if t.bias is None else t.bias.handle
         step = _block_rows(d.m, d.k, d.c_out)
         with np.errstate(invalid="ignore", over="ignore"):
             if step >= d.m:  # one block: no slicing (it shows at decode sizes)
@@ -177,7 +182,8 @@ class _LinearKernel(Kernel):
                 rows = slice(m0, m0 + step)
                 self._block(x[rows], act_q[rows], act_scale[rows], w_t, ws, bias, out[rows])
 
-    def _block(self, x, act_q, act_scale, w_t, ws, bias, out):
+    def _block(self, x: np.ndarray, act_q: np.ndarray, act_scale: np.ndarray, w_t: np.ndarray,
+               ws: np.ndarray, bias: Optional[np.ndarray], out: np.ndarray) -> None:
         d = self.desc
         q, scale = quantize_rows(x, d.dtype, d.q_min, d.q_max)
         act_q[...] = q
@@ -191,26 +197,28 @@ class CpuBackend(Backend):
     name = "cpu"
     device_id = "cpu"
     is_gpu = False
+    host_memory = True
+    torch_device_type = "cpu"
 
     @property
     def device_name(self) -> str:
         """The host, with its core count."""
         return f"host CPU ({os.cpu_count()} cores, numpy {np.__version__})"
 
-    def _tensor(self, arr: np.ndarray, dtype: DType, readonly=False) -> Tensor:
+    def _tensor(self, arr: np.ndarray, dtype: DType, readonly: bool = False) -> Tensor:
         item = arr.itemsize
-        strides = [s // item for s in arr.strides]
+        strides: list[Union[int, float]] = [s // item for s in arr.strides]
         if any(s % item for s in arr.strides):  # not a whole number of elements: never valid
             strides = [s / item for s in arr.strides]
         return Tensor("cpu", "cpu", arr.shape, dtype, strides, arr, "host",
-                      arr.__array_interface__["data"][0], readonly=readonly)
+                      data_ptr=arr.__array_interface__["data"][0], readonly=readonly)
 
-    def empty(self, shape, dtype):
+    def empty(self, shape: Sequence[int], dtype: DTypeLike) -> Tensor:
         """A new uninitialised host tensor."""
         dtype = as_dtype(dtype)
         return self._tensor(np.empty(tuple(shape), dtype.numpy), dtype)
 
-    def from_numpy(self, array, *, readonly=False):
+    def from_numpy(self, array: np.ndarray, *, readonly: bool = False) -> Tensor:
         """A host tensor holding a copy of ``array`` (read-only if ``readonly``)."""
         arr = np.array(array, copy=True, order="C")
         dtype = as_dtype(arr.dtype, name="array")
@@ -218,11 +226,11 @@ class CpuBackend(Backend):
             arr.flags.writeable = False
         return self._tensor(arr, dtype, readonly)
 
-    def to_numpy(self, tensor):
+    def to_numpy(self, tensor: Tensor) -> np.ndarray:
         """A copy of the tensor's array."""
         return np.array(self.wrap(tensor).handle, copy=True)
 
-    def wrap(self, obj, *, name="tensor"):
+    def wrap(self, obj: Any, *, name: str = "tensor") -> Tensor:
         """A cpu Tensor for a numpy array (no copy) or an existing Tensor."""
         if isinstance(obj, Tensor):
             return obj
@@ -236,39 +244,32 @@ class CpuBackend(Backend):
                 f"{name}: expected dtype f32, f16, bf16, f64 or s8, got {obj.dtype}") from None
         return self._tensor(obj, dtype, not obj.flags.writeable)
 
-    def narrow(self, tensor, rows):
+    def narrow(self, tensor: Tensor, rows: int) -> Tensor:
         """The first ``rows`` rows of ``tensor``."""
-        return self._tensor(tensor.handle[:rows], tensor.dtype, tensor.readonly)
+        t = self.wrap(tensor)
+        if not 0 <= rows <= t.shape[0]:
+            raise InvalidProblem(f"rows: expected 0..{t.shape[0]}, got {rows}")
+        return self._tensor(t.handle[:rows], t.dtype, t.readonly)
 
-    def linear_kernel(self, desc):
-        """The cpu linear kernel: rowquant, exact chunked BLAS, dequant."""
-        return _LinearKernel(desc)
+    def linear_executable(self, desc: QuantizedLinearDescriptor) -> Executable:
+        """The cpu linear executable: rowquant, exact chunked BLAS, dequant."""
+        return _LinearExecutable(desc)
 
-    def quantize_kernel(self, desc):
-        """The cpu activation-pass kernel."""
-        return _QuantizeKernel(desc)
+    def quantize_executable(self, desc: DynamicRangeQuantizeDescriptor) -> Executable:
+        """The cpu activation pass."""
+        return _QuantizeExecutable(desc)
 
-    def info(self):
+    def info(self) -> dict[str, Any]:
         """Host facts and kernel choices."""
-        import numpy as _np
-
         blas = "unknown"
         try:
-            cfg = _np.show_config(mode="dicts")
+            cfg: Any = np.show_config(mode="dicts")  # type: ignore[func-returns-value]
             blas = cfg["Build Dependencies"]["blas"]["name"]
         except Exception:
             pass
         return {"device": self.device_name, "blas": blas,
                 "kernels": {"linear": "rowquant + float32 BLAS over K-chunks of <= 2**24 // (max|q| * 128) "
                             "columns (1032 for -127..127) + dequant"}}
-
-    def float_matmul(self, m, k, n, dtype):
-        """numpy.matmul of ``dtype`` (f16/bf16 run in float32, as numpy would be used)."""
-        ct = _compute_type(as_dtype(dtype))
-        rng = np.random.default_rng(0)
-        a = rng.standard_normal((m, k)).astype(ct)
-        b = rng.standard_normal((k, n)).astype(ct)
-        return lambda: np.matmul(a, b)
 
 
 def create() -> CpuBackend:

@@ -42,7 +42,7 @@ from ..errors import BackendUnavailable, DeviceError, InvalidProblem, Unsupporte
 from ..kernel_cache import CacheEntry, KernelCache, default_cache
 from ..resources import read_source
 from ..tensors import Tensor, contiguous_strides
-from .base import Backend, Kernel, PrecisionGuarantee
+from .base import Backend, Executable, PrecisionGuarantee
 
 __all__ = [
     "CudaBackend",
@@ -641,7 +641,7 @@ def _aligned(*ptrs, to: int = 16) -> bool:
     return all(p % to == 0 for p in ptrs)
 
 
-class _CudaQuantizeKernel(Kernel):
+class _CudaQuantizeExecutable(Executable):
     precision_guarantee = PrecisionGuarantee(
         note="IEEE division (__fdiv_rn/__ddiv_rn), round half to even; bit-identical to cpu")
 
@@ -654,16 +654,16 @@ class _CudaQuantizeKernel(Kernel):
 
     def run(self, t, stream=None):
         d = self.desc
-        x, q, s = t["activation"], t["act_q"], t["act_scale"]
+        x, q, s = t.activation, t.act_q, t.act_scale
         spec = self.fast
         if spec != self.fallback and not (
-                _aligned(x.byte_offset) and _aligned(q.byte_offset, to=16 // d.dtype.itemsize)):
+                _aligned(x.data_ptr) and _aligned(q.data_ptr, to=16 // d.dtype.itemsize)):
             spec = self.fallback
-        self.be.launch(spec, self.grid, stream, x.byte_offset, q.byte_offset, s.byte_offset,
+        self.be.launch(spec, self.grid, stream, x.data_ptr, q.data_ptr, s.data_ptr,
                        np.int32(d.m), np.int32(d.k), np.int32(d.q_min), np.int32(d.q_max))
 
 
-class _CudaLinearKernel(Kernel):
+class _CudaLinearExecutable(Executable):
     precision_guarantee = PrecisionGuarantee(
         bit_identical=True, deterministic=True, flushes_subnormals=False, exact_int32=True,
         note="IEEE division and round half to even in the activation pass; exact int32 on "
@@ -680,10 +680,10 @@ class _CudaLinearKernel(Kernel):
 
     def run(self, t, stream=None):
         d, sel = self.desc, self.sel
-        x, wq, ws, y = t["activation"], t["weight_q"], t["weight_scale"], t["output"]
-        aq, asc, bias = t["act_q_scratch"], t["act_scale_scratch"], t["bias"]
-        xp, aqp, ascp, wqp, wsp, yp = (x.byte_offset, aq.byte_offset, asc.byte_offset,
-                                       wq.byte_offset, ws.byte_offset, y.byte_offset)
+        x, wq, ws, y = t.activation, t.weight_q, t.weight_scale, t.output
+        aq, asc, bias = t.act_q_scratch, t.act_scale_scratch, t.bias
+        xp, aqp, ascp, wqp, wsp, yp = (x.data_ptr, aq.data_ptr, asc.data_ptr,
+                                       wq.data_ptr, ws.data_ptr, y.data_ptr)
         item = d.dtype.itemsize
         act = sel.act
         if act != sel.act_fallback and not (_aligned(xp) and _aligned(aqp, to=16 // item)):
@@ -696,7 +696,7 @@ class _CudaLinearKernel(Kernel):
         self.be.launch(act, sel.act_grid, s, xp, aqp, ascp, np.int32(d.m), np.int32(d.k),
                        np.int32(d.q_min), np.int32(d.q_max))
         self.be.launch(gemm, sel.gemm_grid, s, aqp, ascp, wqp, wsp,
-                       0 if bias is None else bias.byte_offset, yp,
+                       0 if bias is None else bias.data_ptr, yp,
                        np.int32(d.m), np.int32(d.c_out), np.int32(d.k), np.int32(pair_ok))
 
 
@@ -716,6 +716,7 @@ class CudaBackend(Backend):
 
     name = "cuda"
     is_gpu = True
+    torch_device_type = "cuda"
 
     def __init__(self, device, *, cache: Optional[KernelCache] = None):
         from cuda.core import LaunchConfig, Stream, launch
@@ -861,13 +862,13 @@ class CudaBackend(Backend):
             raise DeviceError(f"launching {spec.name_expression} on grid {grid} failed",
                               native=str(e)) from None
 
-    def linear_kernel(self, desc):
+    def linear_executable(self, desc):
         """The fused activation pass + int8 GEMM + dequant kernels for ``desc``."""
-        return _CudaLinearKernel(self, desc)
+        return _CudaLinearExecutable(self, desc)
 
-    def quantize_kernel(self, desc):
+    def quantize_executable(self, desc):
         """The activation-pass kernel for ``desc``."""
-        return _CudaQuantizeKernel(self, desc)
+        return _CudaQuantizeExecutable(self, desc)
 
     # -- tensors -----------------------------------------------------------------------
     def _tensor(self, shape, dtype: DType, ptr: int, owner, handle=None, strides=None,
@@ -876,7 +877,7 @@ class CudaBackend(Backend):
         return Tensor("cuda", device or self.device_id, shape, dtype,
                       strides if strides is not None else contiguous_strides(shape),
                       handle if handle is not None else owner, device or self.device_id,
-                      int(ptr), owner=owner, readonly=readonly)
+                      data_ptr=int(ptr), owner=owner, readonly=readonly)
 
     def empty(self, shape, dtype):
         """A new device tensor (a cuda.core ``Buffer`` from the device's memory resource)."""
@@ -900,7 +901,7 @@ class CudaBackend(Backend):
             from cuda.bindings import driver
 
             self._current()
-            _cu_check(driver.cuMemcpyHtoD(t.byte_offset, arr.ctypes.data, arr.nbytes),
+            _cu_check(driver.cuMemcpyHtoD(t.data_ptr, arr.ctypes.data, arr.nbytes),
                       f"copying {arr.nbytes} bytes to {self.device_id}")
         t.readonly = bool(readonly)
         return t
@@ -925,7 +926,7 @@ class CudaBackend(Backend):
         _cu_check(driver.cuMemcpyDtoH(raw.ctypes.data, lo, hi - lo),
                   f"copying {hi - lo} bytes from {t.device}")
         item = t.dtype.itemsize
-        base = (t.byte_offset - lo) // item
+        base = (t.data_ptr - lo) // item
         flat = raw.view(t.dtype.numpy)
         view = np.lib.stride_tricks.as_strided(
             flat[base:], shape=t.shape, strides=tuple(s * item for s in t.strides))
@@ -994,12 +995,6 @@ class CudaBackend(Backend):
         device = f"cuda:{int(view.device_id if dev_id is None else dev_id)}"
         return self._tensor(shape, dtype, int(view.ptr), obj, handle=view, strides=strides,
                             readonly=bool(getattr(view, "readonly", False)), device=device)
-
-    def narrow(self, tensor, rows):
-        """The first ``rows`` rows of ``tensor`` (same memory)."""
-        t = tensor
-        return Tensor(t.backend, t.device, (int(rows),) + t.shape[1:], t.dtype, t.strides,
-                      t.handle, t.memory, t.byte_offset, owner=t.owner, readonly=t.readonly)
 
     # -- facts -------------------------------------------------------------------------
     def info(self) -> dict:

@@ -32,6 +32,7 @@ submits. ``be.to_numpy`` and ``be.synchronize`` submit open batches and wait.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import weakref
 from collections import OrderedDict
@@ -43,7 +44,7 @@ from ..dtypes import DType, as_dtype, bf16, f16, f32, f64, s8
 from ..errors import BackendUnavailable, DeviceError, InvalidProblem, Unsupported
 from ..resources import read_source
 from ..tensors import Tensor, contiguous_strides
-from .base import Backend, Kernel, PrecisionGuarantee
+from .base import Backend, Executable, PrecisionGuarantee
 
 __all__ = ["WgpuBackend", "Batch", "create"]
 
@@ -70,6 +71,11 @@ _LAYOUTS = {
 _FAMILY_LAYOUT = {"rowquant": "quant", "gemm_dot4": "linear", "gemm_f32": "linear",
                   "gemv": "linear", "matmul_f32": "matmul", "micro": "micro"}
 _TIN_KIND = {"f32": 0, "f16": 1, "bf16": 2}
+
+
+def astuple_shallow(bundle) -> tuple:
+    """The fields of a dataclass bundle, in order, without copying them."""
+    return tuple(getattr(bundle, f.name) for f in dataclasses.fields(bundle))
 
 
 def _round_up(x: int, a: int) -> int:
@@ -255,7 +261,7 @@ def _forget_buffer(ref, bid) -> None:
         cache.forget(bid)
 
 
-class _WgpuKernel(Kernel):
+class _WgpuExecutable(Executable):
     """Shared run machinery: bind groups cached per set of tensors, encoding, submit."""
 
     def __init__(self, be: "WgpuBackend", desc):
@@ -266,7 +272,7 @@ class _WgpuKernel(Kernel):
 
     def _cached(self, tensors, build):
         tensors = [t for t in tensors if t is not None]
-        key = tuple((id(t.memory), t.byte_offset) for t in tensors)
+        key = tuple((id(t.memory), t.buffer_offset) for t in tensors)
         return self._runs.lookup([t.memory for t in tensors], key, build)
 
     def _encode(self, stream, dispatches: _Dispatches) -> None:
@@ -317,7 +323,7 @@ def _with_f16_note(g: PrecisionGuarantee, c: "_Choice") -> PrecisionGuarantee:
                  "f16 scales and outputs (f16_storage='packed' is integer-only).")
 
 
-class _QuantizeKernel(_WgpuKernel):
+class _QuantizeExecutable(_WgpuExecutable):
     precision_guarantee = PrecisionGuarantee(
         flushes_subnormals=False,
         note="amax, scale and quantization are computed in integer arithmetic on bit patterns "
@@ -333,13 +339,13 @@ class _QuantizeKernel(_WgpuKernel):
         self.rows_per_dispatch = be._quant_rows_per_dispatch(desc.k, desc.dtype, self.settings)
 
     def run(self, t, stream=None):
-        x, q, s = t["activation"], t["act_q"], t["act_scale"]
+        x, q, s = t.activation, t.act_q, t.act_scale
         d = self._cached((x, q, s), lambda: self.be._quant_dispatches(
             self.pipeline, self.desc, self.rows_per_dispatch, x, q, s))
         self._encode(stream, d)
 
 
-class _LinearKernel(_WgpuKernel):
+class _LinearExecutable(_WgpuExecutable):
     precision_guarantee = PrecisionGuarantee(
         flushes_subnormals=True,
         note="activation pass exact in integer arithmetic; int32 accumulation exact; the "
@@ -358,17 +364,15 @@ class _LinearKernel(_WgpuKernel):
         self.gemm_pipelines = {has_bias: be._gemm_pipeline(c, has_bias) for has_bias in (False, True)}
 
     def run(self, t, stream=None):
-        names = ("activation", "weight_q", "weight_scale", "output", "act_q_scratch",
-                 "act_scale_scratch", "bias")
         # A bias-less run of the same tensors has its own entry: the key's length differs.
-        d = self._cached([t[n] for n in names], lambda: self._build(t))
+        d = self._cached(astuple_shallow(t), lambda: self._build(t))
         self._encode(stream, d)
 
     def _build(self, t) -> _Dispatches:
         be, desc = self.be, self.desc
         quant = be._quant_dispatches(self.quant_pipeline, desc.activation_pass, self.quant_rows,
-                                     t["activation"], t["act_q_scratch"], t["act_scale_scratch"])
-        gemm = be._gemm_dispatches(self.gemm_pipelines[t["bias"] is not None], self.choice, desc,
+                                     t.activation, t.act_q_scratch, t.act_scale_scratch)
+        gemm = be._gemm_dispatches(self.gemm_pipelines[t.bias is not None], self.choice, desc,
                                    t, self.settings)
         return _Dispatches(quant.items + gemm.items)
 
@@ -517,8 +521,8 @@ class WgpuBackend(Backend):
 
     def _tensor(self, buf, shape, dtype, offset=0, readonly=False) -> Tensor:
         strides, _ = _layout(shape, dtype)
-        return Tensor("wgpu", self.device_id, shape, dtype, strides, buf, buf, offset, owner=buf,
-                      readonly=readonly)
+        return Tensor("wgpu", self.device_id, shape, dtype, strides, buf, buf,
+                      buffer_offset=offset, owner=buf, readonly=readonly)
 
     def empty(self, shape, dtype):
         """A new device tensor (zero-filled, as WebGPU buffers are; s8 row pads included)."""
@@ -608,14 +612,6 @@ class WgpuBackend(Backend):
                 f"buffer: expected at least {need} bytes for a {dtype.name} tensor of shape "
                 f"{shape} at offset {offset}, got a buffer of {buffer.size} bytes")
         return self._tensor(buffer, shape, dtype, int(offset), readonly=readonly)
-
-    def narrow(self, tensor, rows):
-        """The first ``rows`` rows of ``tensor`` (same buffer, same offset)."""
-        t = self.wrap(tensor)
-        if not 0 <= rows <= t.shape[0]:
-            raise InvalidProblem(f"rows: expected 0..{t.shape[0]}, got {rows}")
-        return Tensor(t.backend, t.device, (rows,) + t.shape[1:], t.dtype, t.strides, t.handle,
-                      t.memory, t.byte_offset, t.owner, t.readonly)
 
     # -- streams -------------------------------------------------------------------
     def batch(self, *, timestamps: bool = False) -> Batch:
@@ -839,9 +835,9 @@ class WgpuBackend(Backend):
         """Bind bytes [b0, b1) of tensor ``t``: (resource, byte offset of b0 inside it)."""
         if t is None or b1 <= b0:
             return {"buffer": self._dummy, "offset": 0, "size": 16}, 0
-        start = t.byte_offset + b0
+        start = t.buffer_offset + b0
         off = start - start % self._align
-        size = _round_up(t.byte_offset + b1 - off, 4)
+        size = _round_up(t.buffer_offset + b1 - off, 4)
         return {"buffer": t.handle, "offset": off, "size": size}, start - off
 
     def _params_buffer(self, blocks: list):
@@ -893,8 +889,8 @@ class WgpuBackend(Backend):
                               f"limit of {settings['max_storage_binding']} bytes")
         rows_cap = m if c.kind == "gemv" else max_wg * c.bm
         blocks, binds = [], []
-        y, a, w = t["output"], t["act_q_scratch"], t["weight_q"]
-        s, ws, bias = t["act_scale_scratch"], t["weight_scale"], t["bias"]
+        y, a, w = t.output, t.act_q_scratch, t.weight_q
+        s, ws, bias = t.act_scale_scratch, t.weight_scale, t.bias
         for c0 in range(0, n, cols):
             nc = min(cols, n - c0)
             # Rows per block: their act_q rows and the y span [r0*n + c0, (r0+nr-1)*n + c0 + nc)
@@ -921,86 +917,15 @@ class WgpuBackend(Backend):
         return _Dispatches(items)
 
     # -- kernels -------------------------------------------------------------------
-    def linear_kernel(self, desc):
+    def linear_executable(self, desc):
         """The two-kernel linear plan: fused activation pass, then the GEMM chosen by shape
         (small-M kernel for M <= 16, else tiled) and adapter (dot4I8Packed or f32 FMA).
         f64 raises :class:`Unsupported`."""
-        return _LinearKernel(self, desc)
+        return _LinearExecutable(self, desc)
 
-    def quantize_kernel(self, desc):
+    def quantize_executable(self, desc):
         """The fused activation pass alone (f64 raises :class:`Unsupported`)."""
-        return _QuantizeKernel(self, desc)
-
-    # -- peers ---------------------------------------------------------------------
-    def float_matmul(self, m, k, n, dtype):
-        """A callable that runs an f32 WGSL tiled matmul ``[m,k] @ [k,n]`` on random data and
-        waits (the floating-point baseline for benchmarks; ``dtype`` is ignored: f32 is the
-        one float type every adapter has). None when an operand exceeds a binding."""
-        room = self._settings["max_storage_binding"]
-        if max(m * k, k * n, m * n) * 4 > room or -(-max(m, n) // 128) > self._settings[
-                "max_workgroups_per_dim"]:
-            return None
-        # The deepest K step that fits workgroup memory (two 128-wide f32 tiles).
-        bk = next((b for b in (32, 16, 8, 4, 2, 1)
-                   if b * 2 * 128 * 4 <= self._settings["max_workgroup_storage"]), None)
-        if bk is None or 256 > int(self.limits["max-compute-invocations-per-workgroup"]):
-            return None
-        rng = np.random.default_rng(0)
-        a = self.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
-        b = self.from_numpy(rng.standard_normal((k, n)).astype(np.float32))
-        c = self.empty((m, n), f32)
-        pipe = self._pipeline("matmul_f32", "", {"BM": 128, "BN": 128, "BK": bk, "WGX": 16,
-                                                 "WGY": 16})
-        params = self._params_buffer([[m, n, k, 0]])
-        res = {i: self._range(t, 0, max(4, t.size * 4))[0] for i, t in ((0, c), (1, a), (2, b))}
-        bg = self._bind_group("matmul", res, params, 0, 16)
-        grid = (-(-n // 128), -(-m // 128), 1)
-
-        def run():
-            self._dispatch_and_wait(pipe, bg, grid)
-
-        run.keep = (a, b, c, params)
-        return run
-
-    def _dispatch_and_wait(self, pipe, bind_group, grid) -> None:
-        """One dispatch in its own submit, waited for (the benchmark helpers' unit of work)."""
-        enc = self.device.create_command_encoder()
-        cp = enc.begin_compute_pass()
-        cp.set_pipeline(pipe)
-        cp.set_bind_group(0, bind_group)
-        cp.dispatch_workgroups(*grid)
-        cp.end()
-        self.device.queue.submit([enc.finish()])
-        self.synchronize()
-
-    def micro_kernels(self, words: int = 1 << 22, iters: int = 256) -> dict:
-        """For benchmarks: ``{"dot4": (run, int8_ops), "copy": (run, bytes_moved)}`` where
-        ``run()`` runs the dot4I8Packed throughput kernel or a copy of ``words`` vec4 words
-        and waits."""
-        src = self.from_numpy(np.random.default_rng(1).integers(
-            0, 2**32, size=words * 4, dtype=np.uint32).view(np.int32).view(np.float32))
-        dst = self.empty((words * 4,), f32)
-        wg = min(256, self._max_invocations())
-        out = {}
-        for entry in ("dot4_peak", "copy"):
-            pipe = self._pipeline("micro", "", {"WG": wg, "ITERS": iters}, entry=entry)
-            bgl, _ = self._layout_for("micro")
-            with self._guard("creating a bind group"):
-                bg = self.device.create_bind_group(layout=bgl, entries=[
-                    {"binding": 0, "resource": {"buffer": dst.handle}},
-                    {"binding": 1, "resource": {"buffer": src.handle}}])
-            groups = -(-words // wg)
-            gx = min(groups, self._settings["max_workgroups_per_dim"])
-            grid = (gx, -(-groups // gx), 1)
-
-            def run(pipe=pipe, bg=bg, grid=grid):
-                self._dispatch_and_wait(pipe, bg, grid)
-
-            run.keep = (src, dst)
-            amount = (grid[0] * grid[1] * wg * iters * 16 * 8 if entry == "dot4_peak"
-                      else words * 16 * 2)
-            out["dot4" if entry == "dot4_peak" else "copy"] = (run, amount)
-        return out
+        return _QuantizeExecutable(self, desc)
 
 
 def _quant_name(c: _Choice) -> str:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .dtypes import as_dtype
-from .errors import InvalidProblem
+from ..dtypes import as_dtype
+from ..errors import InvalidProblem
 
 __all__ = ["torch_peers", "TORCH_MATMUL", "TORCH_W8A8"]
 
