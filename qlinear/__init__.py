@@ -7,7 +7,15 @@
 array([[ 1. , -2. ,  0.5,  0. ]], dtype=float32)
 """
 
-from .backends import Backend, BackendStatus, Executable, PrecisionGuarantee, backend, backend_names, backend_status
+from .backends import (
+    Backend,
+    BackendStatus,
+    Executable,
+    PrecisionGuarantee,
+    backend,
+    backend_names,
+    backend_status,
+)
 from .dtypes import DType, bf16, f16, f32, f64, s8
 from .errors import BackendUnavailable, DeviceError, InvalidProblem, QlinearError, Unsupported
 from .layer import QuantizedLinear, quantize_weight

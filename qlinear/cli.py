@@ -14,11 +14,13 @@ import os
 import platform
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from . import __version__
-from .backends import backend as get_backend, backend_status
+from .backends import backend as get_backend
+from .backends import backend_status
 from .bench import BenchCase, bench, default_cases, format_table, run_meta
 from .dtypes import FLOAT_DTYPES, as_dtype
 from .errors import QlinearError
@@ -45,10 +47,11 @@ def info() -> dict[str, Any]:
             for m in (1, 16, 512):
                 for dt in FLOAT_DTYPES[:2]:
                     desc = QuantizedLinearDescriptor(m=m, c_out=4096, k=4096, dtype=dt)
+                    label = f"M={m} K=N=4096 {dt.name}"
                     try:
-                        kernels[f"M={m} K=N=4096 {dt.name}"] = QuantizedLinearPlan.select(be, desc).sku
+                        kernels[label] = QuantizedLinearPlan.select(be, desc).sku
                     except QlinearError as e:
-                        kernels[f"M={m} K=N=4096 {dt.name}"] = f"unsupported: {e}"
+                        kernels[label] = f"unsupported: {e}"
             entry["plans"] = kernels
         else:
             entry["reason"] = st.reason
@@ -97,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qlinear`` command; returns the exit status."""
     args = _parser().parse_args(argv)
     # Mesa's Vulkan drivers print an error when this is unset, which on a server without a

@@ -6,7 +6,7 @@ bf16 on the host is ``ml_dtypes.bfloat16``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 import ml_dtypes
 import numpy as np
@@ -55,10 +55,10 @@ _BY_NUMPY = {d.numpy: d for d in _ALL}
 
 
 #: What :func:`as_dtype` takes: a :class:`DType`, a name, or a numpy / ml_dtypes dtype.
-DTypeLike = Union[DType, str, np.dtype, type]
+DTypeLike = Union[DType, str, np.dtype, type]  # noqa: UP007 (a runtime alias on 3.10)
 
 
-def as_dtype(value: object, *, name: str = "dtype") -> DType:
+def as_dtype(value: Any, *, name: str = "dtype") -> DType:
     """Return the :class:`DType` for a DType, a short name (``"f16"``), a numpy or
     ml_dtypes dtype, or a torch-style name (``"float16"``). ``name`` is the argument
     named in the error."""

@@ -34,9 +34,9 @@ import os
 import struct
 import tempfile
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Union
 
 __all__ = [
     "CacheEntry",
@@ -85,7 +85,7 @@ def make_key(parts: Mapping[str, object]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def cache_dir() -> Optional[Path]:
+def cache_dir() -> Path | None:
     """The disk cache folder from ``$QLINEAR_CACHE_DIR`` (default ``~/.cache/qlinear``),
     or None when it is ``off``."""
     value = os.environ.get(ENV_VAR, "").strip()
@@ -109,7 +109,7 @@ def _encode(entry: CacheEntry) -> bytes:
     return body + hashlib.sha256(body).digest()
 
 
-def _decode(data: bytes, key: str) -> Optional[CacheEntry]:
+def _decode(data: bytes, key: str) -> CacheEntry | None:
     """The entry in ``data`` if it verifies as an entry for ``key``, else None."""
     fixed = len(_MAGIC) + _LEN.size
     if len(data) < fixed + _DIGEST or not data.startswith(_MAGIC):
@@ -145,8 +145,8 @@ class KernelCache:
         directory: the folder of the disk cache, or None for memory only.
     """
 
-    def __init__(self, directory: Union[str, os.PathLike, None]):
-        self.directory: Optional[Path] = None if directory is None else Path(directory)
+    def __init__(self, directory: str | os.PathLike | None):
+        self.directory: Path | None = None if directory is None else Path(directory)
         self._memory: dict[str, CacheEntry] = {}
         self._lock = threading.Lock()
         self._key_locks: dict[str, threading.Lock] = {}
@@ -155,13 +155,13 @@ class KernelCache:
         self.stats = {"hits_memory": 0, "hits_disk": 0, "compiles": 0, "rejected": 0,
                       "write_errors": 0}
 
-    def path(self, key: str) -> Optional[Path]:
+    def path(self, key: str) -> Path | None:
         """Where the entry of ``key`` lives on disk (None without a disk cache)."""
         if self.directory is None:
             return None
         return self.directory / _SUBDIR / f"{key}.qlk"
 
-    def get(self, key: str) -> Optional[CacheEntry]:
+    def get(self, key: str) -> CacheEntry | None:
         """The verified entry of ``key`` from memory or disk, or None."""
         entry = self._memory.get(key)
         if entry is not None:
@@ -205,7 +205,7 @@ class KernelCache:
         with self._lock:
             self._memory.clear()
 
-    def _read(self, key: str) -> Optional[CacheEntry]:
+    def _read(self, key: str) -> CacheEntry | None:
         path = self.path(key)
         if path is None:
             return None
@@ -245,7 +245,7 @@ class KernelCache:
         return f"<KernelCache {where}: {len(self._memory)} in memory>"
 
 
-_defaults: dict[Optional[Path], KernelCache] = {}
+_defaults: dict[Path | None, KernelCache] = {}
 _defaults_lock = threading.Lock()
 
 

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional
+from typing import Any
 
 import numpy as np
 
-from .backends import Backend, backend as get_backend
-from .dtypes import DType, as_dtype, f64
+from .backends import Backend
+from .backends import backend as get_backend
+from .dtypes import DType, DTypeLike, as_dtype, f64
 from .errors import InvalidProblem
 from .plans import QuantizedLinearPlan
 from .problem import QuantizedLinearArgs, QuantizedLinearDescriptor
+from .tensors import Tensor
 
 __all__ = ["quantize_weight", "QuantizedLinear"]
 
 
-def quantize_weight(weight, *, dtype=None, q_max: int = 127):
+def quantize_weight(weight: Any, *, dtype: DTypeLike | None = None,
+                    q_max: int = 127) -> tuple[np.ndarray, np.ndarray]:
     """Per-output-channel symmetric int8 quantization of a float ``weight[C_out, K]``.
 
     ``weight_scale[n] = max_k |weight[n, k]| / q_max`` (in f32, f64 for f64), stored in
@@ -56,8 +59,8 @@ class QuantizedLinear:
 
     _PLAN_CACHE = 64
 
-    def __init__(self, weight_q, weight_scale, bias=None, *, backend: Optional[Backend] = None,
-                 q_min: int = -127, q_max: int = 127):
+    def __init__(self, weight_q: Any, weight_scale: Any, bias: Any = None, *,
+                 backend: Backend | str | None = None, q_min: int = -127, q_max: int = 127):
         self.backend = get_backend(backend)
         wq = np.asarray(weight_q)
         ws = np.asarray(weight_scale)
@@ -74,12 +77,13 @@ class QuantizedLinear:
         self.weight_scale = be.from_numpy(ws, readonly=True)
         self.bias = None if bias is None else be.from_numpy(
             np.asarray(bias).astype(self.dtype.numpy), readonly=True)
-        self._plans: OrderedDict = OrderedDict()
-        self._scratch = None  # (act_q [cap, K], act_scale [cap])
+        self._plans: OrderedDict[int, QuantizedLinearPlan] = OrderedDict()
+        self._scratch: tuple[Tensor, Tensor] | None = None  # (act_q [cap, K], act_scale [cap])
 
     @classmethod
-    def from_float(cls, weight, bias=None, *, backend=None, dtype=None,
-                   q_min: int = -127, q_max: int = 127) -> "QuantizedLinear":
+    def from_float(cls, weight: Any, bias: Any = None, *, backend: Backend | str | None = None,
+                   dtype: DTypeLike | None = None, q_min: int = -127,
+                   q_max: int = 127) -> QuantizedLinear:
         """Quantize a float ``weight[C_out, K]`` (and keep ``bias[C_out]``) into a layer.
 
         ``dtype`` is TIn of activations and outputs (default: the weight's float type)."""
@@ -100,7 +104,7 @@ class QuantizedLinear:
             self._plans.move_to_end(m)
         return plan
 
-    def scratch(self, m: int):
+    def scratch(self, m: int) -> tuple[Tensor, Tensor]:
         """``(act_q[m, K], act_scale[m])`` views of the layer's scratch, grown if needed."""
         be = self.backend
         if self._scratch is None or self._scratch[1].shape[0] < m:
@@ -112,7 +116,7 @@ class QuantizedLinear:
             return q, s
         return be.narrow(q, m), be.narrow(s, m)
 
-    def forward(self, x, out=None, stream=None):
+    def forward(self, x: Any, out: Any = None, stream: Any = None) -> Any:
         """Run on a backend tensor ``x[M, K]``; write ``out[M, C_out]`` (allocated if None)
         and return it. Asynchronous on GPU backends."""
         be = self.backend
@@ -128,7 +132,7 @@ class QuantizedLinear:
             act_q_scratch=act_q, act_scale_scratch=act_scale, bias=self.bias), stream=stream)
         return out
 
-    def __call__(self, x):
+    def __call__(self, x: Any) -> Any:
         """``y[..., C_out]`` for ``x[..., K]``: numpy in, numpy out; a backend tensor in,
         a backend tensor out."""
         if not isinstance(x, np.ndarray):
@@ -149,6 +153,7 @@ class QuantizedLinear:
         return y.reshape(*lead, self.out_features)
 
     def __repr__(self) -> str:
-        return (f"QuantizedLinear(in_features={self.in_features}, out_features={self.out_features}, "
+        return (f"QuantizedLinear(in_features={self.in_features}, "
+                f"out_features={self.out_features}, "
                 f"dtype={self.dtype.name}, bias={self.bias is not None}, "
                 f"q=[{self.q_min}, {self.q_max}], backend={self.backend.name!r})")

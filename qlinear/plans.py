@@ -7,14 +7,16 @@ whether it can implement a set of arguments (and why not), its workspace size
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Optional, Union
+from collections.abc import Callable
+from typing import Any, ClassVar, Union
 
 from . import validate
-from .backends import Backend, Executable, PrecisionGuarantee, backend as get_backend
+from .backends import Backend, Executable, PrecisionGuarantee
+from .backends import backend as get_backend
 from .errors import InvalidProblem
 from .problem import DynamicRangeQuantizeDescriptor, QuantizedLinearDescriptor
 
-BackendLike = Union[Backend, str, None]
+BackendLike = Union[Backend, str, None]  # noqa: UP007 (a runtime alias on 3.10)
 
 __all__ = ["QuantizedLinearPlan", "DynamicRangeQuantizePlan"]
 
@@ -70,7 +72,7 @@ class _Plan:
         type(self)._check(self.backend, self.descriptor, args)
         return True
 
-    def run(self, args: Any, stream: Optional[Any] = None) -> None:
+    def run(self, args: Any, stream: Any | None = None) -> None:
         """Validate ``args`` and run. Asynchronous on GPU backends: the results are ready
         after ``backend.synchronize(stream)`` or ``backend.to_numpy``. On any error
         nothing the caller owns has been written.

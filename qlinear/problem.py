@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import numbers
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 from .dtypes import DType, as_dtype
 from .errors import InvalidProblem
@@ -43,7 +43,7 @@ def max_exact_k(q_min: int = -127, q_max: int = 127) -> int:
     return INT32_MAX // (max(-q_min, q_max) * _W_ABS_MAX)
 
 
-def _size(name: str, value: object) -> int:
+def _size(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise InvalidProblem(f"{name}: expected a non-negative integer, got {value!r}")
     if value < 0:
@@ -51,27 +51,27 @@ def _size(name: str, value: object) -> int:
     return int(value)
 
 
-def _normalise(desc: object, sizes: tuple[str, ...]) -> None:
+def _normalise(desc: Any, sizes: tuple[str, ...]) -> None:
     """The checks both descriptors share: sizes, dtype and q range, stored normalised
     on the frozen ``desc``."""
     for name in sizes:
         object.__setattr__(desc, name, _size(name, getattr(desc, name)))
-    object.__setattr__(desc, "dtype", _float_dtype(getattr(desc, "dtype")))
-    q_min, q_max = _q_range(getattr(desc, "q_min"), getattr(desc, "q_max"))
+    object.__setattr__(desc, "dtype", _float_dtype(desc.dtype))
+    q_min, q_max = _q_range(desc.q_min, desc.q_max)
     object.__setattr__(desc, "q_min", q_min)
     object.__setattr__(desc, "q_max", q_max)
 
 
-def _q_range(q_min: object, q_max: object) -> tuple[int, int]:
+def _q_range(q_min: Any, q_max: Any) -> tuple[int, int]:
     for name, v in (("q_min", q_min), ("q_max", q_max)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise InvalidProblem(f"{name}: expected an integer in -128..127, got {v!r}")
-        if not -128 <= v <= 127:
+        if not -128 <= int(v) <= 127:
             raise InvalidProblem(f"{name}: expected an integer in -128..127 (int8), got {v!r}")
     if not q_min < 0 < q_max:
         raise InvalidProblem(
             f"q_min, q_max: expected q_min < 0 < q_max, got q_min={q_min!r}, q_max={q_max!r}")
-    return int(q_min), int(q_max)  # type: ignore[call-overload]
+    return int(q_min), int(q_max)
 
 
 def _float_dtype(value: object) -> DType:
@@ -83,7 +83,8 @@ def _float_dtype(value: object) -> DType:
 
 @dataclass(frozen=True)
 class QuantizedLinearDescriptor:
-    """A W8A8 linear problem: ``y[m, c_out] = dequant(quant(x[m, k]) @ weight_q[c_out, k].T) (+ bias)``.
+    """A W8A8 linear problem:
+    ``y[m, c_out] = dequant(quant(x[m, k]) @ weight_q[c_out, k].T) (+ bias)``.
 
     Args:
         m: rows of the activation (tokens).
@@ -110,7 +111,7 @@ class QuantizedLinearDescriptor:
                 f"(K * {max(-self.q_min, self.q_max)} * 128 < 2**31), got {self.k}")
 
     @property
-    def activation_pass(self) -> "DynamicRangeQuantizeDescriptor":
+    def activation_pass(self) -> DynamicRangeQuantizeDescriptor:
         """The descriptor of this problem's activation pass alone."""
         return DynamicRangeQuantizeDescriptor(self.m, self.k, self.dtype, self.q_min, self.q_max)
 
@@ -164,7 +165,7 @@ def _arg(*shape: str, int8: bool = False, written: bool = False,
     return field(default=None, metadata=spec) if optional else field(metadata=spec)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def argument_specs(args_type: type) -> tuple[ArgumentSpec, ...]:
     """The :class:`ArgumentSpec` of every field of an Args class, in declaration order."""
     return tuple(ArgumentSpec(f.name, **f.metadata) for f in fields(args_type))
@@ -189,7 +190,7 @@ class QuantizedLinearArgs:
     output: TensorLike = _arg("m", "c_out", written=True)
     act_q_scratch: TensorLike = _arg("m", "k", int8=True, written=True)
     act_scale_scratch: TensorLike = _arg("m", written=True)
-    bias: Optional[TensorLike] = _arg("c_out", optional=True)
+    bias: TensorLike | None = _arg("c_out", optional=True)
 
 
 @dataclass
@@ -218,7 +219,7 @@ class LinearTensors:
     output: Tensor
     act_q_scratch: Tensor
     act_scale_scratch: Tensor
-    bias: Optional[Tensor]
+    bias: Tensor | None
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import pytest
 
-from .backends import backend as _get_backend, backend_names
+from .backends import backend as _get_backend
+from .backends import Backend, backend_names
 from .errors import BackendUnavailable
 
 __all__ = ["pytest_addoption", "pytest_configure", "pytest_generate_tests", "qlinear_backend"]
 
 
-def pytest_addoption(parser):
+def pytest_addoption(parser: pytest.Parser) -> None:
     """Add ``--qlinear-backend``."""
     group = parser.getgroup("qlinear")
     group.addoption("--qlinear-backend", action="append", default=None, metavar="NAME",
@@ -23,7 +24,7 @@ def pytest_addoption(parser):
                          f"one of {backend_names()}")
 
 
-def _selected(config) -> list[str]:
+def _selected(config: pytest.Config) -> list[str]:
     names = config.getoption("qlinear_backend") or backend_names()
     unknown = [n for n in names if n not in backend_names()]
     if unknown:
@@ -32,12 +33,12 @@ def _selected(config) -> list[str]:
     return names
 
 
-def pytest_configure(config):
+def pytest_configure(config: pytest.Config) -> None:
     """Refuse an unknown ``--qlinear-backend`` before collection."""
     _selected(config)
 
 
-def pytest_generate_tests(metafunc):
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Parametrise every test that takes ``qlinear_backend`` over the selected backends."""
     if "qlinear_backend" in metafunc.fixturenames:
         names = _selected(metafunc.config)
@@ -45,7 +46,7 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.fixture
-def qlinear_backend(request):
+def qlinear_backend(request: pytest.FixtureRequest) -> Backend:
     """A :class:`qlinear.Backend`; skipped with the reason when it is unavailable here."""
     name = getattr(request, "param", None) or _selected(request.config)[0]
     try:

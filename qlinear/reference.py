@@ -5,6 +5,8 @@ It shares no code with the backends. (The test suite carries its own oracle.)
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .dtypes import DType, f64
@@ -12,7 +14,9 @@ from .dtypes import DType, f64
 __all__ = ["reference_linear"]
 
 
-def reference_linear(x, weight_q, weight_scale, bias, dtype: DType, q_min=-127, q_max=127):
+def reference_linear(x: Any, weight_q: Any, weight_scale: Any, bias: Any, dtype: DType,
+                     q_min: int = -127,
+                     q_max: int = 127) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(y[M, N], q[M, K] int64, scale[M])`` for host arrays, exactly per DESIGN.md."""
     ct = np.float64 if dtype == f64 else np.float32
     xc = np.asarray(x).astype(ct)

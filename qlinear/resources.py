@@ -7,19 +7,22 @@ source checkout run with ``PYTHONPATH=.`` they are the top-level folders.
 from __future__ import annotations
 
 import functools
-import hashlib
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import InvalidProblem
 
-__all__ = ["resource_dir", "read_source", "source_hash", "list_sources"]
+if TYPE_CHECKING:
+    from importlib.abc import Traversable
+
+__all__ = ["resource_dir", "read_source", "list_sources"]
 
 _KINDS = ("shaders", "cuda")
 
 
-@functools.lru_cache(maxsize=None)
-def resource_dir(kind: str):
+@functools.cache
+def resource_dir(kind: str) -> Traversable:
     """The folder holding ``kind`` (``"shaders"`` or ``"cuda"``) sources, as a Traversable."""
     if kind not in _KINDS:
         raise InvalidProblem(f"kind: expected one of {_KINDS}, got {kind!r}")
@@ -37,21 +40,10 @@ def list_sources(kind: str) -> list[str]:
     return sorted(p.name for p in resource_dir(kind).iterdir() if p.is_file())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def read_source(kind: str, name: str) -> str:
     """The text of one kernel source file (cached)."""
     path = resource_dir(kind) / name
     if not path.is_file():
         raise FileNotFoundError(f"{kind}/{name}: no such kernel source")
     return path.read_text(encoding="utf-8")
-
-
-def source_hash(kind: str, names) -> str:
-    """SHA-256 over the named sources, in order: a cache key part that changes with any edit."""
-    h = hashlib.sha256()
-    for name in names:
-        h.update(name.encode())
-        h.update(b"\0")
-        h.update(read_source(kind, name).encode())
-        h.update(b"\0")
-    return h.hexdigest()

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Hashable, Optional, Protocol, Sequence, Union, runtime_checkable
+from collections.abc import Hashable, Sequence
+from typing import Any, Protocol, Union, runtime_checkable
 
 import numpy as np
 
 from .dtypes import DType
 
-__all__ = ["Tensor", "TensorLike", "contiguous_strides", "SupportsDLPack",
+__all__ = ["Tensor", "TensorLike", "contiguous_strides", "host_view", "SupportsDLPack",
            "SupportsCudaArrayInterface"]
 
 
@@ -74,11 +75,12 @@ class Tensor:
     """
 
     __slots__ = ("backend", "device", "shape", "dtype", "strides", "handle", "memory",
-                 "data_ptr", "buffer_offset", "owner", "readonly", "cache", "size", "_span", "__weakref__")
+                 "data_ptr", "buffer_offset", "owner", "readonly", "cache", "size", "_span",
+                 "__weakref__")
 
     def __init__(self, backend: str, device: str, shape: Sequence[int], dtype: DType,
-                 strides: Sequence[Union[int, float]], handle: Any, memory: Hashable, *,
-                 data_ptr: Optional[int] = None, buffer_offset: Optional[int] = None,
+                 strides: Sequence[int | float], handle: Any, memory: Hashable, *,
+                 data_ptr: int | None = None, buffer_offset: int | None = None,
                  owner: Any = None, readonly: bool = False):
         if (data_ptr is None) == (buffer_offset is None):
             raise ValueError("Tensor: give exactly one of data_ptr and buffer_offset")
@@ -97,7 +99,7 @@ class Tensor:
         self.cache: dict[Any, Any] = {}
         #: Number of elements.
         self.size = math.prod(self.shape)
-        self._span: Optional[tuple[int, int]] = None
+        self._span: tuple[int, int] | None = None
 
     @property
     def origin(self) -> int:
@@ -105,7 +107,7 @@ class Tensor:
         ``buffer_offset``, whichever this memory has."""
         return self.data_ptr if self.data_ptr is not None else int(self.buffer_offset or 0)
 
-    def view(self, shape: Sequence[int], *, origin: Optional[int] = None) -> "Tensor":
+    def view(self, shape: Sequence[int], *, origin: int | None = None) -> Tensor:
         """A view of the same memory, with the same strides, of another ``shape`` (e.g. the
         first rows), whose element 0 sits at ``origin`` (default: where this one's does)."""
         origin = self.origin if origin is None else int(origin)
@@ -128,7 +130,8 @@ class Tensor:
     def _compute_span(self) -> tuple[int, int]:
         if self.size == 0:
             return (self.origin, self.origin)
-        lo = hi = 0
+        lo: int | float = 0
+        hi: int | float = 0
         for n, s in zip(self.shape, self.strides):
             extent = (n - 1) * s
             if extent < 0:
@@ -139,7 +142,7 @@ class Tensor:
         base = self.origin
         return (int(base + lo * item), int(base + (hi + 1) * item))
 
-    def overlaps(self, other: "Tensor") -> bool:
+    def overlaps(self, other: Tensor) -> bool:
         """Whether the two views can touch a common byte."""
         if self.memory != other.memory or self.size == 0 or other.size == 0:
             return False
@@ -152,7 +155,30 @@ class Tensor:
                 f"dtype={self.dtype.name}, strides={self.strides})")
 
 
+def host_view(raw: np.ndarray, t: Tensor, start: int) -> np.ndarray:
+    """A C-contiguous host copy, in ``t.shape``, of ``t``'s elements, read from ``raw``: the
+    bytes of ``t``'s memory that begin at byte address ``start`` (in the terms of
+    ``t.origin``) and cover ``t.byte_span()``. How a backend reads back a strided view
+    after copying the bytes it spans to the host."""
+    raw = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+    out_dtype = t.dtype.numpy
+    if t.size == 0:
+        return np.empty(t.shape, out_dtype)
+    lo, hi = t.byte_span()
+    if lo < start or hi - start > raw.size:
+        raise ValueError(f"host_view: bytes {start}..{start + raw.size} do not cover the "
+                         f"view's span {lo}..{hi}")
+    item = t.dtype.itemsize
+    # From the lowest byte the view touches, so that negative strides stay inside.
+    flat = raw[lo - start:hi - start].view(out_dtype)
+    strided = np.lib.stride_tricks.as_strided(
+        flat[(t.origin - lo) // item:], shape=t.shape,
+        strides=tuple(int(s) * item for s in t.strides))
+    return strided.copy(order="C")
+
+
 #: What a plan argument may be: a backend's :class:`Tensor`, or what the backend wraps
 #: without a copy (a numpy array on cpu; an object with ``__cuda_array_interface__`` or
 #: ``__dlpack__`` on cuda).
-TensorLike = Union[Tensor, np.ndarray, SupportsCudaArrayInterface, SupportsDLPack]
+TensorLike = Union[  # noqa: UP007 (a runtime alias on 3.10)
+    Tensor, np.ndarray, SupportsCudaArrayInterface, SupportsDLPack]

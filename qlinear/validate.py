@@ -8,7 +8,8 @@ validation returns the typed bundle the executables run on.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, TypeVar, Union
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 from .dtypes import DType, s8
 from .errors import InvalidProblem
@@ -28,11 +29,12 @@ if TYPE_CHECKING:
 
 __all__ = ["check_tensor", "check_no_alias", "check_args", "linear_args", "quantize_args"]
 
-Descriptor = Union[QuantizedLinearDescriptor, DynamicRangeQuantizeDescriptor]
+Descriptor = Union[  # noqa: UP007 (a runtime alias on 3.10)
+    QuantizedLinearDescriptor, DynamicRangeQuantizeDescriptor]
 Bundle = TypeVar("Bundle", LinearTensors, QuantizeTensors)
 
 
-def check_tensor(backend: "Backend", name: str, obj: Any, shape: Sequence[int],
+def check_tensor(backend: Backend, name: str, obj: Any, shape: Sequence[int],
                  dtype: DType) -> Tensor:
     """Wrap ``obj`` on ``backend`` and check its dtype, shape and layout.
 
@@ -43,7 +45,8 @@ def check_tensor(backend: "Backend", name: str, obj: Any, shape: Sequence[int],
     t = backend.wrap(obj, name=name)
     if t.backend != backend.name:
         raise InvalidProblem(
-            f"{name}: expected a tensor of backend {backend.name!r}, got one of backend {t.backend!r}")
+            f"{name}: expected a tensor of backend {backend.name!r}, "
+            f"got one of backend {t.backend!r}")
     if t.device != backend.device_id:
         raise InvalidProblem(
             f"{name}: expected a tensor on device {backend.device_id!r}, got one on {t.device!r}")
@@ -83,7 +86,7 @@ def check_no_alias(written: Mapping[str, Tensor], others: Mapping[str, Tensor]) 
                     f"overlaps {b}")
 
 
-def check_args(backend: "Backend", desc: Descriptor, args: Any,
+def check_args(backend: Backend, desc: Descriptor, args: Any,
                bundle: type[Bundle]) -> Bundle:
     """Check every argument of ``args`` (an instance of ``bundle.args_type``) against
     ``desc`` on ``backend``, then that no written argument overlaps another; return the
@@ -91,7 +94,7 @@ def check_args(backend: "Backend", desc: Descriptor, args: Any,
     args_type = bundle.args_type
     if not isinstance(args, args_type):
         raise InvalidProblem(f"args: expected {args_type.__name__}, got {type(args).__name__}")
-    tensors: dict[str, Optional[Tensor]] = {}
+    tensors: dict[str, Any] = {}
     written: dict[str, Tensor] = {}
     read: dict[str, Tensor] = {}
     for spec in argument_specs(args_type):
@@ -107,13 +110,13 @@ def check_args(backend: "Backend", desc: Descriptor, args: Any,
     return bundle(**tensors)
 
 
-def linear_args(backend: "Backend", desc: QuantizedLinearDescriptor,
+def linear_args(backend: Backend, desc: QuantizedLinearDescriptor,
                 args: QuantizedLinearArgs) -> LinearTensors:
     """Check ``args`` against ``desc`` on ``backend``; return the checked tensors."""
     return check_args(backend, desc, args, LinearTensors)
 
 
-def quantize_args(backend: "Backend", desc: DynamicRangeQuantizeDescriptor,
+def quantize_args(backend: Backend, desc: DynamicRangeQuantizeDescriptor,
                   args: DynamicRangeQuantizeArgs) -> QuantizeTensors:
     """Check activation-pass ``args`` against ``desc``; return the checked tensors."""
     return check_args(backend, desc, args, QuantizeTensors)

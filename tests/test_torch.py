@@ -526,27 +526,6 @@ def test_core_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 
 
-@pytest.mark.parametrize("modname", ["qlinear.torch", "qlinear.bench.peers"])
-def test_public_names_have_docstrings(modname):
-    import importlib
-    import inspect
-
-    mod = importlib.import_module(modname)
-    assert mod.__doc__
-    missing = []
-    for name in mod.__all__:
-        obj = getattr(mod, name)
-        if callable(obj) and not inspect.getdoc(obj):
-            missing.append(name)
-        if inspect.isclass(obj):
-            for mname, member in vars(obj).items():
-                fn = member.fget if isinstance(member, property) else member
-                fn = getattr(fn, "__func__", fn)
-                if not mname.startswith("_") and inspect.isfunction(fn) and not inspect.getdoc(fn):
-                    missing.append(f"{name}.{mname}")
-    assert not missing
-
-
 # -- fidelity: a transformer encoder ---------------------------------------------------------------
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")

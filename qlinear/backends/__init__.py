@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Optional
 
 from ..errors import BackendUnavailable, InvalidProblem
 from .base import Backend, Executable, PrecisionGuarantee
@@ -19,7 +18,8 @@ __all__ = ["Backend", "Executable", "PrecisionGuarantee", "backend", "backend_na
 _REGISTRY: dict[str, tuple[str, str]] = {
     "cuda": ("qlinear.backends.cuda", "pip install 'qlinear[cuda]' and an NVIDIA driver"),
     "wgpu": ("qlinear.backends.wgpu",
-             "pip install wgpu; on Linux without a GPU: apt-get install mesa-vulkan-drivers libvulkan1"),
+             "pip install wgpu; on Linux without a GPU: "
+             "apt-get install mesa-vulkan-drivers libvulkan1"),
     "cpu": ("qlinear.backends.cpu", ""),
 }
 _instances: dict[str, Backend] = {}
@@ -49,7 +49,8 @@ def _create(name: str) -> Backend:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:
             if e.name == module:
-                raise BackendUnavailable(name, "not implemented in this version of qlinear") from None
+                raise BackendUnavailable(
+                    name, "not implemented in this version of qlinear") from None
             raise BackendUnavailable(name, f"cannot import {e.name!r}", install) from e
         be = mod.create()
     except BackendUnavailable as e:
@@ -61,7 +62,7 @@ def _create(name: str) -> Backend:
     return be
 
 
-def backend(name: Optional[str] = None) -> Backend:
+def backend(name: str | Backend | None = None) -> Backend:
     """Return a backend: ``name`` (``"cpu"``, ``"wgpu"``, ``"cuda"``), or the best one
     available (cuda, then wgpu on a real GPU, then cpu) when ``name`` is None.
 
@@ -88,7 +89,7 @@ class BackendStatus:
 
     name: str
     available: bool
-    backend: Optional[Backend] = None
+    backend: Backend | None = None
     reason: str = ""
     install: str = ""
 

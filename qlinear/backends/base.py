@@ -13,8 +13,9 @@ device function (a WGSL entry point, a CUDA ``__global__`` function).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -77,7 +78,7 @@ class Backend(ABC):
     host_memory: bool = False
     #: The torch device type whose tensors this backend uses without a copy
     #: (``"cpu"``, ``"cuda"``), or None.
-    torch_device_type: Optional[str] = None
+    torch_device_type: str | None = None
 
     @property
     def device_name(self) -> str:
@@ -95,7 +96,7 @@ class Backend(ABC):
         nobody writes it later, so the backend may keep data derived from it."""
 
     @abstractmethod
-    def to_numpy(self, tensor: Tensor) -> np.ndarray:
+    def to_numpy(self, tensor: Any) -> np.ndarray:
         """A host copy of ``tensor`` (waits for the work that writes it)."""
 
     @abstractmethod
@@ -107,24 +108,24 @@ class Backend(ABC):
         """The strides (elements) a tensor of ``shape`` must have to be used by a plan."""
         return contiguous_strides(tuple(shape))
 
-    def narrow(self, tensor: Tensor, rows: int) -> Tensor:
+    def narrow(self, tensor: Any, rows: int) -> Tensor:
         """A view of the first ``rows`` rows of ``tensor`` (same memory, same strides)."""
         t = self.wrap(tensor)
         if not 0 <= rows <= t.shape[0]:
             raise InvalidProblem(f"rows: expected 0..{t.shape[0]}, got {rows}")
         return t.view((int(rows),) + t.shape[1:])
 
-    def synchronize(self, stream: Any = None) -> None:
+    def synchronize(self, stream: Any = None) -> None:  # noqa: B027 (cpu has nothing to wait for)
         """Wait until the work submitted so far (on ``stream``) has finished."""
 
     # -- executables ---------------------------------------------------------------
     @abstractmethod
-    def linear_executable(self, desc: "QuantizedLinearDescriptor") -> Executable:
+    def linear_executable(self, desc: QuantizedLinearDescriptor) -> Executable:
         """The executable for a :class:`QuantizedLinearDescriptor`, compiled and ready
         (raise :class:`Unsupported` when this backend cannot run it)."""
 
     @abstractmethod
-    def quantize_executable(self, desc: "DynamicRangeQuantizeDescriptor") -> Executable:
+    def quantize_executable(self, desc: DynamicRangeQuantizeDescriptor) -> Executable:
         """The executable for a :class:`DynamicRangeQuantizeDescriptor`."""
 
     # -- facts -----------------------------------------------------------------------

@@ -20,15 +20,20 @@ temporaries stay bounded.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..dtypes import DType, DTypeLike, as_dtype, f64
 from ..errors import InvalidProblem
+from ..problem import (
+    DynamicRangeQuantizeDescriptor,
+    LinearTensors,
+    QuantizedLinearDescriptor,
+    QuantizeTensors,
+)
 from ..tensors import Tensor
-from ..problem import (DynamicRangeQuantizeDescriptor, LinearTensors, QuantizedLinearDescriptor,
-                       QuantizeTensors)
 from .base import Backend, Executable, PrecisionGuarantee
 
 __all__ = ["CpuBackend", "create", "quantize_rows", "int_matmul", "dequantize"]
@@ -98,7 +103,7 @@ def int_matmul(q: np.ndarray, w_t: np.ndarray, chunk: int) -> np.ndarray:
 
 
 def dequantize(acc: np.ndarray, scale: np.ndarray, weight_scale: np.ndarray,
-               bias: Optional[np.ndarray], out: np.ndarray) -> None:
+               bias: np.ndarray | None, out: np.ndarray) -> None:
     """Step 5: ``out[M, N] = ((C(acc) * C(scale)) * C(weight_scale)) (+ C(bias))``, one rounding.
 
     ``acc`` may be overwritten."""
@@ -127,7 +132,8 @@ def _block_rows(m: int, k: int, n: int) -> int:
 
 
 class _QuantizeExecutable(Executable):
-    precision_guarantee = PrecisionGuarantee(note="the reference: exact division, round half to even")
+    precision_guarantee = PrecisionGuarantee(
+        note="the reference: exact division, round half to even")
 
     def __init__(self, desc: DynamicRangeQuantizeDescriptor):
         self.desc = desc
@@ -183,7 +189,7 @@ class _LinearExecutable(Executable):
                 self._block(x[rows], act_q[rows], act_scale[rows], w_t, ws, bias, out[rows])
 
     def _block(self, x: np.ndarray, act_q: np.ndarray, act_scale: np.ndarray, w_t: np.ndarray,
-               ws: np.ndarray, bias: Optional[np.ndarray], out: np.ndarray) -> None:
+               ws: np.ndarray, bias: np.ndarray | None, out: np.ndarray) -> None:
         d = self.desc
         q, scale = quantize_rows(x, d.dtype, d.q_min, d.q_max)
         act_q[...] = q
@@ -207,7 +213,7 @@ class CpuBackend(Backend):
 
     def _tensor(self, arr: np.ndarray, dtype: DType, readonly: bool = False) -> Tensor:
         item = arr.itemsize
-        strides: list[Union[int, float]] = [s // item for s in arr.strides]
+        strides: list[int | float] = [s // item for s in arr.strides]
         if any(s % item for s in arr.strides):  # not a whole number of elements: never valid
             strides = [s / item for s in arr.strides]
         return Tensor("cpu", "cpu", arr.shape, dtype, strides, arr, "host",
@@ -226,7 +232,7 @@ class CpuBackend(Backend):
             arr.flags.writeable = False
         return self._tensor(arr, dtype, readonly)
 
-    def to_numpy(self, tensor: Tensor) -> np.ndarray:
+    def to_numpy(self, tensor: Any) -> np.ndarray:
         """A copy of the tensor's array."""
         return np.array(self.wrap(tensor).handle, copy=True)
 
@@ -244,7 +250,7 @@ class CpuBackend(Backend):
                 f"{name}: expected dtype f32, f16, bf16, f64 or s8, got {obj.dtype}") from None
         return self._tensor(obj, dtype, not obj.flags.writeable)
 
-    def narrow(self, tensor: Tensor, rows: int) -> Tensor:
+    def narrow(self, tensor: Any, rows: int) -> Tensor:
         """The first ``rows`` rows of ``tensor``."""
         t = self.wrap(tensor)
         if not 0 <= rows <= t.shape[0]:
@@ -263,12 +269,13 @@ class CpuBackend(Backend):
         """Host facts and kernel choices."""
         blas = "unknown"
         try:
-            cfg: Any = np.show_config(mode="dicts")  # type: ignore[func-returns-value]
+            cfg: Any = np.show_config(mode="dicts")
             blas = cfg["Build Dependencies"]["blas"]["name"]
         except Exception:
             pass
         return {"device": self.device_name, "blas": blas,
-                "kernels": {"linear": "rowquant + float32 BLAS over K-chunks of <= 2**24 // (max|q| * 128) "
+                "kernels": {"linear": "rowquant + float32 BLAS over K-chunks of "
+                            "<= 2**24 // (max|q| * 128) "
                             "columns (1032 for -127..127) + dequant"}}
 
 

@@ -3,7 +3,8 @@ bench`` divides by ("x float mm"), one implementation per backend."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -15,7 +16,7 @@ __all__ = ["float_matmul"]
 Runner = Callable[[], Any]
 
 
-def _numpy_matmul(be: Backend, m: int, k: int, n: int, dtype: DType) -> Optional[Runner]:
+def _numpy_matmul(be: Backend, m: int, k: int, n: int, dtype: DType) -> Runner | None:
     # numpy has no f16/bf16 BLAS: they are run in float32, as numpy users would.
     ct = np.float64 if dtype == f64 else np.float32
     rng = np.random.default_rng(0)
@@ -24,20 +25,20 @@ def _numpy_matmul(be: Backend, m: int, k: int, n: int, dtype: DType) -> Optional
     return lambda: np.matmul(a, b)
 
 
-def _wgsl_matmul(be: Backend, m: int, k: int, n: int, dtype: DType) -> Optional[Runner]:
+def _wgsl_matmul(be: Backend, m: int, k: int, n: int, dtype: DType) -> Runner | None:
     from .wgpu_kernels import float_matmul as wgsl
 
     return wgsl(be, m, k, n, dtype)  # type: ignore[arg-type]
 
 
 # Backend name -> the baseline on its device. cuda's is torch's matmul (a peer).
-_BASELINES: dict[str, Callable[[Backend, int, int, int, DType], Optional[Runner]]] = {
+_BASELINES: dict[str, Callable[[Backend, int, int, int, DType], Runner | None]] = {
     "cpu": _numpy_matmul,
     "wgpu": _wgsl_matmul,
 }
 
 
-def float_matmul(be: Backend, m: int, k: int, n: int, dtype: DType) -> Optional[Runner]:
+def float_matmul(be: Backend, m: int, k: int, n: int, dtype: DType) -> Runner | None:
     """A callable that runs a floating-point ``[m, k] @ [k, n]`` matmul of ``dtype`` on
     ``be``'s device on random data made once, and waits for it; None where the backend
     has no such baseline or the shape exceeds its limits."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from ..backends import Backend
 from ..dtypes import DType, DTypeLike, as_dtype
 
@@ -22,11 +20,11 @@ class BenchCase(tuple):
 
     __slots__ = ()
 
-    def __new__(cls, m: int, k: int, n: int, dtype: DTypeLike) -> "BenchCase":
+    def __new__(cls, m: int, k: int, n: int, dtype: DTypeLike) -> BenchCase:
         return super().__new__(cls, (int(m), int(k), int(n), as_dtype(dtype)))
 
 
-def default_cases(be: Backend, dtype: Optional[DType] = None) -> list[BenchCase]:
+def default_cases(be: Backend, dtype: DType | None = None) -> list[BenchCase]:
     """The shapes ``qlinear bench`` runs with no arguments on ``be``: the LLM shapes in
     f16 on a GPU, the small set in f32 elsewhere."""
     if be.is_gpu:

@@ -6,12 +6,14 @@ nothing and works without torch.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-from ..dtypes import as_dtype
+from ..dtypes import DTypeLike, as_dtype
 from ..errors import InvalidProblem
 
-__all__ = ["torch_peers", "TORCH_MATMUL", "TORCH_W8A8"]
+__all__ = ["torch_peers", "Peer", "TORCH_MATMUL", "TORCH_W8A8"]
 
 #: Key of torch's floating-point matmul ``x[m, k] @ w[k, n]`` of the problem's dtype.
 TORCH_MATMUL = "torch.matmul"
@@ -20,12 +22,24 @@ TORCH_MATMUL = "torch.matmul"
 TORCH_W8A8 = "torch.w8a8"
 
 
-def torch_peers(m: int, k: int, n: int, dtype, device: str = "cpu") -> dict[str, Callable[[], None]]:
+@dataclass(frozen=True)
+class Peer:
+    """A peer's run: call it to run once and wait; ``detail`` says what it runs."""
+
+    run: Callable[[], None]
+    detail: str
+
+    def __call__(self) -> None:
+        self.run()
+
+
+def torch_peers(m: int, k: int, n: int, dtype: DTypeLike,
+                device: str = "cpu") -> dict[str, Peer]:
     """Zero-argument callables that run ``[m, k] x [k, n]`` in torch on ``device`` and
     wait for completion, on random data made once here.
 
-    Keys: :data:`TORCH_MATMUL` and :data:`TORCH_W8A8`. Each callable has a ``detail``
-    attribute saying what it runs (for example which int8 GEMM the W8A8 one uses).
+    Keys: :data:`TORCH_MATMUL` and :data:`TORCH_W8A8`. Each is a :class:`Peer`, whose
+    ``detail`` says what it runs (for example which int8 GEMM the W8A8 one uses).
     ``dtype`` is a qlinear dtype or name (f32, f16, bf16, f64). Returns ``{}`` when
     torch is not installed or ``device`` is not usable by the installed torch.
     """
@@ -51,14 +65,14 @@ def torch_peers(m: int, k: int, n: int, dtype, device: str = "cpu") -> dict[str,
 
     gen = torch.Generator(device="cpu").manual_seed(1234)
 
-    def rand(*shape):
+    def rand(*shape: int) -> Any:
         return torch.randn(*shape, generator=gen, dtype=torch.float32).to(dev, tdt)
 
     if dev.type == "cuda":
-        def wait():
+        def wait() -> None:
             torch.cuda.synchronize(dev)
     else:
-        def wait():
+        def wait() -> None:
             pass
 
     x = rand(m, k)
@@ -71,14 +85,13 @@ def torch_peers(m: int, k: int, n: int, dtype, device: str = "cpu") -> dict[str,
     w_scale = w_scale.to(tdt)
     ct = torch.float64 if tdt == torch.float64 else torch.float32
 
-    def matmul():
+    def matmul() -> None:
         torch.matmul(x, w_t)
         wait()
-    matmul.detail = f"torch.matmul {tdt} on {dev}"
 
     int_mm, int_detail = _int8_gemm(torch, dev, m, k, n, wq_t)
 
-    def w8a8():
+    def w8a8() -> None:
         xc = x.to(ct)
         amax = xc.abs().amax(dim=1, keepdim=True)
         scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax)).to(tdt)
@@ -86,12 +99,13 @@ def torch_peers(m: int, k: int, n: int, dtype, device: str = "cpu") -> dict[str,
         acc = int_mm(q)
         (acc.to(ct) * scale.to(ct) * w_scale.to(ct) + bias.to(ct)).to(tdt)
         wait()
-    w8a8.detail = (f"torch W8A8 {tdt} on {dev}: per-token quant, {int_detail}, "
-                   f"dequant + bias")
-    return {TORCH_MATMUL: matmul, TORCH_W8A8: w8a8}
+    return {TORCH_MATMUL: Peer(matmul, f"torch.matmul {tdt} on {dev}"),
+            TORCH_W8A8: Peer(w8a8, f"torch W8A8 {tdt} on {dev}: per-token quant, "
+                                   f"{int_detail}, dequant + bias")}
 
 
-def _int8_gemm(torch, dev, m: int, k: int, n: int, wq_t):
+def _int8_gemm(torch: Any, dev: Any, m: int, k: int, n: int,
+               wq_t: Any) -> tuple[Callable[[Any], Any], str]:
     """The fastest exact ``q[m, k] int8 @ wq_t[k, n] int8 -> int32`` torch offers here,
     checked once on this shape, with a description."""
     # The probe keeps the properties kernels dispatch on (M <= 16 or not, K, N) but is
@@ -101,7 +115,7 @@ def _int8_gemm(torch, dev, m: int, k: int, n: int, wq_t):
     cols = sorted(set(range(min(n, 8))) | set(range(max(0, n - 8), n)))
     want = probe.cpu().long() @ wq_t[:, cols].cpu().long()
 
-    def exact(fn) -> bool:
+    def exact(fn: Callable[[Any], Any]) -> bool:
         try:
             got = fn(probe)
         except (RuntimeError, NotImplementedError):

@@ -6,14 +6,14 @@ import datetime
 import platform
 import subprocess
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from .. import __version__
 
 __all__ = ["git_commit", "run_meta"]
 
 
-def git_commit(where: Optional[Path] = None) -> str:
+def git_commit(where: Path | None = None) -> str:
     """The short commit of the repository holding ``where`` (default: qlinear's source
     tree), or ``"unknown"`` outside a git checkout."""
     cwd = where or Path(__file__).resolve().parent

@@ -5,7 +5,8 @@ torch peers; and the text table of the results."""
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +28,7 @@ _CHECK_ROWS = 8
 
 
 def check_plan(be: Backend, plan: QuantizedLinearPlan, args: QuantizedLinearArgs,
-               x: np.ndarray, wq: np.ndarray, ws: np.ndarray, bias: Optional[np.ndarray],
+               x: np.ndarray, wq: np.ndarray, ws: np.ndarray, bias: np.ndarray | None,
                rng: np.random.Generator) -> str:
     """Run ``plan`` once and compare its output and scratches with the exact reference
     (sampled rows on large problems). Returns "ok" or a description of the first mismatch."""
@@ -50,7 +51,7 @@ def check_plan(be: Backend, plan: QuantizedLinearPlan, args: QuantizedLinearArgs
     return "ok"
 
 
-def _peers(be: Backend, case: BenchCase) -> dict[str, Callable[[], None]]:
+def _peers(be: Backend, case: BenchCase) -> dict[str, Any]:
     if be.torch_device_type is None:
         return {}
     try:
@@ -63,7 +64,7 @@ def _peers(be: Backend, case: BenchCase) -> dict[str, Callable[[], None]]:
 
 def bench(be: Backend, cases: Sequence[BenchCase], *, min_seconds: float = 0.3,
           max_reps: int = 50, progress: bool = True,
-          rng: Optional[np.random.Generator] = None) -> list[dict[str, Any]]:
+          rng: np.random.Generator | None = None) -> list[dict[str, Any]]:
     """Check and time every case on ``be``; return one dict per case."""
     rng = rng or np.random.default_rng(0)
     rows: list[dict[str, Any]] = []
@@ -134,8 +135,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append([r["dtype"], str(r["m"]), str(r["k"]), str(r["n"]), r.get("check", "-"),
                       fmt("qlinear_ms", ".3f"), fmt("tops", ".4f"), fmt("vs_float_matmul", ".2f")]
                      + [fmt(c, ".2f") for c in peer_cols] + [r.get("sku", "-")])
-    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h)
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
               for i, h in enumerate(head)]
     out = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
-    out += ["  ".join(c.rjust(w) for c, w in zip(l, widths)) for l in lines]
+    out += ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines]
     return "\n".join(out)

@@ -1,104 +1,23 @@
-"""The optional PyTorch adapter: swap ``nn.Linear`` for W8A8 modules that call qlinear.
-
-Example::
-
-    import torch, qlinear.torch as qlt
-    model = torch.nn.Sequential(torch.nn.Linear(384, 1536), torch.nn.GELU(),
-                                torch.nn.Linear(1536, 384)).eval()
-    qlt.quantize_linears(model)              # 2: the count swapped
-    with torch.inference_mode():
-        y = model(torch.randn(4, 16, 384))   # f32 in, f32 out, W8A8 inside
-
-What happens inside a :class:`QLinear`:
-
-* the weight is quantized once, per output channel, by :func:`qlinear.quantize_weight`;
-  the int8 weight, its scales and the bias are *buffers*, so ``state_dict()`` holds
-  them (and no float weight) and ``load_state_dict`` restores a quantized model;
-* each call runs one :class:`qlinear.QuantizedLinear` (per-token dynamic int8
-  activations, exact int32 GEMM, dequantization + bias, see the numerical contract),
-  which keeps its scratch between calls and grows it with the number of tokens;
-* CPU tensors go through numpy views of the torch memory (no copy when the input is
-  contiguous; the output is written in place into the returned tensor); CUDA tensors
-  go zero-copy through the cuda backend's ``wrap`` (DLPack / ``__cuda_array_interface__``)
-  and run on ``torch.cuda.current_stream()``.
-
-Input dtypes: f32, f16, bf16 (and f64 where the backend has it). The output has the
-input's dtype and device, as with torchao's dynamic int8 quantization: an input whose
-dtype differs from the layer's runs a second backend layer, built on first use, with
-the same int8 weight and the scales and bias rounded to the input's dtype.
-
-CPU threads: torch's OpenMP pool and numpy's BLAS pool (which the cpu backend uses)
-take turns on the same cores, and each spin-waits for a while after its work; on a
-machine with few cores, limit one of them (``OPENBLAS_NUM_THREADS=1`` or
-``torch.set_num_threads(1)``), or a model mixing float and W8A8 layers runs several
-times slower than either alone.
-
-Limits: inference only (a backward pass through a :class:`QLinear` raises
-:class:`qlinear.Unsupported`); not traceable by ``torch.compile``/TorchScript (the call
-leaves torch); one :class:`QLinear` serialises its calls (its scratch is shared), and on
-CUDA, calls on different streams must be ordered by the caller for the same reason.
-
-Only this module imports torch; the qlinear core never does.
-"""
+"""The :class:`QLinear` module: a W8A8 stand-in for ``nn.Linear`` that calls qlinear."""
 
 from __future__ import annotations
 
-import fnmatch
 import threading
-from typing import Callable, Collection, Union
+from typing import Any
 
-import ml_dtypes
-import numpy as np
 import torch
 from torch import nn
 
-from .backends import Backend, backend as _get_backend
-from .dtypes import DType, as_dtype, bf16, f16, f32, f64
-from .errors import InvalidProblem, Unsupported
-from .layer import QuantizedLinear, quantize_weight
+from ..backends import Backend
+from ..backends import backend as _get_backend
+from ..dtypes import DTypeLike
+from ..errors import InvalidProblem, Unsupported
+from ..layer import QuantizedLinear, quantize_weight
+from .convert import _TO_QL, _TO_TORCH, qlinear_dtype, to_numpy_view, torch_dtype
+from .convert import from_numpy as _from_numpy
+from .convert import host_copy as _host_copy
 
-__all__ = ["QLinear", "quantize_linears", "to_numpy_view", "qlinear_dtype", "torch_dtype"]
-
-_TO_QL = {torch.float32: f32, torch.float16: f16, torch.bfloat16: bf16, torch.float64: f64}
-_TO_TORCH = {v: k for k, v in _TO_QL.items()}
-
-SkipFilter = Union[None, str, Callable[[str, nn.Module], bool], Collection[str]]
-
-
-def qlinear_dtype(dtype) -> DType:
-    """The qlinear :class:`~qlinear.DType` for a torch float dtype (or anything
-    :func:`qlinear.dtypes.as_dtype` takes); raises :class:`InvalidProblem` otherwise."""
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _TO_QL:
-            raise InvalidProblem(
-                f"dtype: expected torch.float32, float16, bfloat16 or float64, got {dtype}")
-        return _TO_QL[dtype]
-    d = as_dtype(dtype, name="dtype")
-    if not d.is_float:
-        raise InvalidProblem(f"dtype: expected a float type (f32, f16, bf16, f64), got {d.name}")
-    return d
-
-
-def torch_dtype(dtype) -> torch.dtype:
-    """The torch dtype for a qlinear float dtype (or a torch dtype, returned as is)."""
-    return _TO_TORCH[qlinear_dtype(dtype)]
-
-
-def to_numpy_view(t: torch.Tensor) -> np.ndarray:
-    """A numpy array sharing ``t``'s memory (a CPU tensor; bf16 as ``ml_dtypes.bfloat16``).
-
-    Never copies: the array is a view, so writes to it are writes to ``t``."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        raise InvalidProblem(f"tensor: expected a CPU tensor, got one on {t.device}")
-    if t.dtype == torch.bfloat16:
-        # numpy has no bfloat16: reinterpret the 16-bit words, then relabel them.
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
-def _host_copy(t: torch.Tensor) -> np.ndarray:
-    return to_numpy_view(t.detach().to("cpu", copy=True).contiguous())
+__all__ = ["QLinear"]
 
 
 class _InferenceOnly(torch.autograd.Function):
@@ -106,11 +25,11 @@ class _InferenceOnly(torch.autograd.Function):
     loudly instead of silently dropping the gradient of everything upstream."""
 
     @staticmethod
-    def forward(ctx, x, y):
+    def forward(ctx: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
         raise Unsupported(
             "QLinear: backward is not supported (W8A8 layers are inference-only); "
             "run the model under torch.no_grad()/torch.inference_mode(), or keep the "
@@ -146,9 +65,14 @@ class QLinear(nn.Module):
             a CUDA tensor needs the cuda backend.
     """
 
+    weight_q: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 dtype=torch.float32, device=None,
-                 backend: Union[None, str, Backend] = None):
+                 dtype: DTypeLike | torch.dtype = torch.float32,
+                 device: torch.device | str | None = None,
+                 backend: None | str | Backend = None):
         super().__init__()
         tdt = torch_dtype(dtype)
         self.in_features = int(in_features)
@@ -165,26 +89,26 @@ class QLinear(nn.Module):
                              if bias else None)
         self._init_runtime()
 
-    def _init_runtime(self):
+    def _init_runtime(self) -> None:
         # Backend layers by input dtype, valid while the buffers keep the key they had.
-        self._layers: dict = {}
-        self._layers_key = None
+        self._layers: dict[tuple[torch.dtype, torch.device], QuantizedLinear] = {}
+        self._layers_key: Any = None
         self._lock = threading.Lock()
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, Any]:
         # Backend layers hold device memory and the lock is not copyable: rebuild both.
         state = self.__dict__.copy()
         for name in ("_layers", "_layers_key", "_lock"):
             state.pop(name, None)
         return state
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._init_runtime()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, backend: Union[None, str, Backend] = None,
-                    dtype=None) -> "QLinear":
+    def from_linear(cls, linear: nn.Linear, *, backend: None | str | Backend = None,
+                    dtype: DTypeLike | torch.dtype | None = None) -> QLinear:
         """Quantize an ``nn.Linear`` (weight per output channel, symmetric, -127..127).
 
         ``dtype`` is the layer's dtype (default: the linear's weight dtype); the weight is
@@ -198,6 +122,7 @@ class QLinear(nn.Module):
             q.weight_q.copy_(torch.from_numpy(wq))
             q.weight_scale.copy_(_from_numpy(ws))
             if linear.bias is not None:
+                assert q.bias is not None
                 q.bias.copy_(linear.bias.detach().to(q.bias.dtype))
         q.train(linear.training)
         return q
@@ -225,7 +150,7 @@ class QLinear(nn.Module):
                 f"runs, got one on {device}")
         return be
 
-    def _buffers_key(self):
+    def _buffers_key(self) -> tuple[Any, ...]:
         # _version counts in-place writes (load_state_dict, copy_), data_ptr catches .to():
         # either one means the backend copies are stale. Inference tensors (buffers made
         # under torch.inference_mode) have no version counter; load_state_dict still
@@ -234,11 +159,12 @@ class QLinear(nn.Module):
                      (t.data_ptr(), None if t.is_inference() else t._version, t.dtype, t.device)
                      for t in (self.weight_q, self.weight_scale, self.bias))
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self._layers_key = None
 
-    def backend_layer(self, dtype, device) -> QuantizedLinear:
+    def backend_layer(self, dtype: DTypeLike | torch.dtype,
+                      device: torch.device | str) -> QuantizedLinear:
         """The :class:`qlinear.QuantizedLinear` that runs inputs of ``dtype`` on ``device``
         (built on first use from the buffers; rebuilt when they change)."""
         tdt = torch_dtype(dtype)
@@ -322,110 +248,3 @@ class QLinear(nn.Module):
                 f"bias={self.bias is not None}, dtype={dtype}, backend={be}, "
                 f"W8A8: int8 weight per output channel, int8 activations per token "
                 f"[{self.q_min}, {self.q_max}]")
-
-
-def _from_numpy(a: np.ndarray) -> torch.Tensor:
-    if a.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)
-
-
-def _skip_fn(skip: SkipFilter) -> Callable[[str, nn.Module], bool]:
-    if skip is None:
-        return lambda name, mod: False
-    if callable(skip):
-        return skip
-    patterns = [skip] if isinstance(skip, str) else list(skip)
-    for p in patterns:
-        if not isinstance(p, str):
-            raise InvalidProblem(
-                f"skip: expected a callable (name, module) -> bool, or names / glob patterns "
-                f"(str), got an element {p!r}")
-
-    def matches(name: str, mod: nn.Module) -> bool:
-        # A pattern naming a parent ("encoder.layers.0") skips every linear below it.
-        parts = name.split(".")
-        prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-        return any(fnmatch.fnmatchcase(pre, p) for p in patterns for pre in prefixes)
-
-    return matches
-
-
-def _swappable(mod: nn.Module) -> bool:
-    # MultiheadAttention's out_proj (NonDynamicallyQuantizableLinear) is never called as a
-    # module: attention reads its .weight directly, so a swap would break it (torchao skips
-    # it too). A subclass with its own forward would lose that forward.
-    return (isinstance(mod, nn.Linear)
-            and not isinstance(mod, nn.modules.linear.NonDynamicallyQuantizableLinear)
-            and type(mod).forward is nn.Linear.forward)
-
-
-def _no_op_pre_hook(module, args):
-    return None
-
-
-def _leave_fast_paths(root: nn.Module, swapped: set) -> None:
-    """nn.TransformerEncoder(Layer)'s fused inference path reads ``linear1.weight``
-    directly and would bypass (or trip over) a QLinear. Torch leaves that path for a
-    layer with forward hooks on any submodule, and for a stack whose
-    ``use_nested_tensor`` is False; both are set where a linear was swapped."""
-    for name, mod in root.named_modules():
-        if isinstance(mod, nn.TransformerEncoderLayer):
-            for sub in mod.modules():
-                if id(sub) in swapped and not getattr(sub, "_qlinear_fastpath_hook", False):
-                    sub.register_forward_pre_hook(_no_op_pre_hook)
-                    sub._qlinear_fastpath_hook = True
-        elif isinstance(mod, nn.TransformerEncoder):
-            if any(id(sub) in swapped for sub in mod.modules()):
-                mod.use_nested_tensor = False
-
-
-def quantize_linears(module: nn.Module, backend: Union[None, str, Backend] = None, *,
-                     skip: SkipFilter = None, dtype=None) -> int:
-    """Replace, in place, every ``nn.Linear`` inside ``module`` by a :class:`QLinear`;
-    return how many were replaced.
-
-    Args:
-        module: the model (it may itself be an ``nn.Linear``: then it cannot be replaced
-            in place, and :class:`InvalidProblem` says to use :meth:`QLinear.from_linear`).
-        backend: qlinear backend name or object for every swapped layer; None follows
-            each input's device (cpu backend for CPU tensors, cuda for CUDA tensors).
-        skip: which linears to keep in float: a callable ``(qualified_name, module) -> bool``
-            (True keeps it), or a name / glob pattern / collection of them, matched
-            against the linear's qualified name and every parent's (``"head"``,
-            ``"encoder.layers.0"``, ``"*.linear2"``).
-        dtype: the dtype of the quantized layers (scales, bias); default each linear's
-            weight dtype. Inputs of other float dtypes still work (see :class:`QLinear`).
-
-    Not swapped, whatever ``skip`` says: ``nn.MultiheadAttention``'s ``out_proj`` (attention
-    reads its weight directly, as torchao also notes) and subclasses of ``nn.Linear`` that
-    override ``forward``. Where a linear inside ``nn.TransformerEncoderLayer`` is swapped,
-    that layer's fused inference fast path is turned off so that the QLinear is called.
-    """
-    if not isinstance(module, nn.Module):
-        raise InvalidProblem(f"module: expected a torch.nn.Module, got {type(module).__name__}")
-    if _swappable(module):
-        raise InvalidProblem(
-            "module: got an nn.Linear itself, which cannot be replaced in place; "
-            "use QLinear.from_linear(linear) or pass its parent module")
-    if dtype is not None:
-        dtype = qlinear_dtype(dtype)
-    if backend is not None:
-        _get_backend(backend)  # an unavailable backend fails before anything is swapped
-    should_skip = _skip_fn(skip)
-    # Every place a linear sits (a module shared by two parents appears twice), so that
-    # a shared linear becomes one shared QLinear, replaced everywhere it is used.
-    todo = [name for name, mod in module.named_modules(remove_duplicate=False)
-            if _swappable(mod) and not should_skip(name, mod)]
-    made: dict = {}
-    for name in todo:
-        parent_name, _, attr = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        linear = getattr(parent, attr)
-        q = made.get(id(linear))
-        if q is None:
-            q = made[id(linear)] = QLinear.from_linear(linear, backend=backend, dtype=dtype)
-        setattr(parent, attr, q)
-    if made:
-        _leave_fast_paths(module, {id(q) for q in made.values()})
-    return len(made)
