@@ -51,8 +51,8 @@ def main():
             calls = max(5, min(2000, int(2e9 / (m * k * n + 1e6))))
             plan_t, mm_t, ratios = [], [], []
             for _ in range(args.rounds):
-                a = median_ms(lambda: layer.forward(x, out=y), calls)
-                b = median_ms(lambda: x @ w_t, calls)
+                a = median_ms(lambda layer=layer, x=x, y=y: layer.forward(x, out=y), calls)
+                b = median_ms(lambda x=x, w_t=w_t: x @ w_t, calls)
                 plan_t.append(a)
                 mm_t.append(b)
                 ratios.append(a / b)

@@ -1,4 +1,4 @@
-"""Plans: a descriptor bound to a backend's kernel, checked arguments, then run.
+"""Plans: a descriptor bound to a backend's executable, checked arguments, then run.
 
 The shape follows CUTLASS's Python interface: select a plan for a problem, ask
 whether it can implement a set of arguments (and why not), its workspace size
@@ -8,7 +8,7 @@ whether it can implement a set of arguments (and why not), its workspace size
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, TypeVar, Union
 
 from . import validate
 from .backends import Backend, Executable, PrecisionGuarantee
@@ -17,6 +17,7 @@ from .errors import InvalidProblem
 from .problem import DynamicRangeQuantizeDescriptor, QuantizedLinearDescriptor
 
 BackendLike = Union[Backend, str, None]  # noqa: UP007 (a runtime alias on 3.10)
+_PlanT = TypeVar("_PlanT", bound="_Plan")
 
 __all__ = ["QuantizedLinearPlan", "DynamicRangeQuantizePlan"]
 
@@ -38,8 +39,8 @@ class _Plan:
         raise NotImplementedError
 
     @classmethod
-    def select(cls, backend: BackendLike, descriptor: Any) -> Any:
-        """Choose and prepare (compile, cache) the kernel for ``descriptor`` on ``backend``
+    def select(cls: type[_PlanT], backend: BackendLike, descriptor: Any) -> _PlanT:
+        """Choose and prepare (compile, cache) the executable for ``descriptor`` on ``backend``
         (a :class:`Backend`, a backend name, or None for the best available).
 
         Raises :class:`InvalidProblem` for a malformed descriptor and :class:`Unsupported`

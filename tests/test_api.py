@@ -51,7 +51,8 @@ def test_all_names_exist():
 
 
 def test_error_hierarchy():
-    assert issubclass(ql.InvalidProblem, ql.QlinearError) and issubclass(ql.InvalidProblem, ValueError)
+    assert issubclass(ql.InvalidProblem, ql.QlinearError)
+    assert issubclass(ql.InvalidProblem, ValueError)
     for cls in (ql.Unsupported, ql.BackendUnavailable, ql.DeviceError):
         assert issubclass(cls, ql.QlinearError)
     e = ql.BackendUnavailable("x", "no adapter", "apt-get install y")

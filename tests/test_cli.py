@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-
 import qlinear as ql
 from qlinear import cli
 

@@ -14,7 +14,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def _run(script, *args, timeout=180):
     env = dict(os.environ)
     # From the source tree (PYTHONPATH=.) as well as from an installed qlinear.
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + rest)
     return subprocess.run([sys.executable, str(ROOT / "examples" / script), *args],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 

@@ -2,11 +2,19 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import qlinear as ql
-from qltest import (check_linear, random_activation, random_scale, random_weight, run_linear,
-                    oracle_linear, assert_bitwise_equal)
+from qltest import (
+    assert_bitwise_equal,
+    check_linear,
+    oracle_linear,
+    random_activation,
+    random_scale,
+    random_weight,
+    run_linear,
+)
 
 DTYPES = [ql.f32, ql.f16, ql.bf16, ql.f64]
 DT_IDS = [d.name for d in DTYPES]

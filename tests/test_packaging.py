@@ -66,6 +66,15 @@ def test_wheel_ships_kernel_sources(installed):
         assert sorted(names) == tree
 
 
+def test_wheel_ships_its_type_information(installed):
+    """PEP 561: ``py.typed`` beside the package, so type checkers read qlinear's annotations."""
+    py, work = installed
+    out = _sh([str(py), "-c", "import pathlib, qlinear; "
+               "print((pathlib.Path(qlinear.__file__).parent / 'py.typed').is_file())"],
+              cwd=work, env=_clean_env())
+    assert out.strip() == "True"
+
+
 def test_console_script_info(installed):
     py, work = installed
     out = _sh([str(py.parent / "qlinear"), "info"], cwd=work, env=_clean_env())

@@ -2,11 +2,17 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import qlinear as ql
-from qltest import (assert_bitwise_equal, oracle_quantize, poisoned, random_activation,
-                    select_or_skip)
+from qltest import (
+    assert_bitwise_equal,
+    oracle_quantize,
+    poisoned,
+    random_activation,
+    select_or_skip,
+)
 
 DTYPES = [ql.f32, ql.f16, ql.bf16, ql.f64]
 

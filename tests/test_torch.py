@@ -182,7 +182,8 @@ class Encoder(nn.Module):
 
 def mlp(seed=0, k=64, hidden=96, n=48, bias=True):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(k, hidden, bias=bias), nn.GELU(), nn.Linear(hidden, n, bias=bias))
+    return nn.Sequential(nn.Linear(k, hidden, bias=bias), nn.GELU(),
+                         nn.Linear(hidden, n, bias=bias))
 
 
 def batch(seed=1, b=8, s=64):
@@ -311,7 +312,8 @@ def test_layer_matches_contract(device, tdtype, bias):
     check_contract(y.reshape(-1, 72), x.reshape(-1, 200), q.weight_q, q.weight_scale, q.bias)
 
 
-@pytest.mark.parametrize("shape", [(200,), (1, 200), (7, 200), (2, 3, 4, 200), (0, 200), (3, 0, 200)],
+@pytest.mark.parametrize("shape", [(200,), (1, 200), (7, 200), (2, 3, 4, 200), (0, 200),
+                                   (3, 0, 200)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_shapes(device, shape):
     torch.manual_seed(4)
@@ -535,7 +537,8 @@ def test_encoder_fidelity(device, float_encoder, padding, record_property, monke
 
     * vs float: cosine per sequence (the quantization error itself);
     * each W8A8 linear, on the activations it really received inside the model, against
-      the float64 contract: within :func:`check_contract`'s bound (a few f32 epsilons, plus one LSB step where a q sits on a rounding edge);
+      the float64 contract: within :func:`check_contract`'s bound (a few f32 epsilons,
+      plus one LSB step where a q sits on a rounding edge);
     * the whole model against a copy with the float64 contract swapped in for every W8A8
       linear. This one cannot be bit-tight: two conforming implementations may differ by
       one f32 rounding in step 5, and the next layers' quantizers turn such a difference
@@ -615,7 +618,8 @@ def test_encoder_fidelity_bf16(device, float_encoder, record_property):
     assert yq.dtype == torch.bfloat16
     cos = torch.nn.functional.cosine_similarity(yq.float().flatten(1), yf.flatten(1), dim=1)
     record_property("cosine_min_bf16", float(cos.min()))
-    print(f"\n[{device.type}, bf16] cosine vs float32 model per sequence: min {float(cos.min()):.6f}")
+    print(f"\n[{device.type}, bf16] cosine vs float32 model per sequence: "
+          f"min {float(cos.min()):.6f}")
     assert float(cos.min()) > 0.99
 
 

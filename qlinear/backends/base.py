@@ -31,7 +31,7 @@ __all__ = ["Backend", "Executable", "PrecisionGuarantee"]
 
 @dataclass(frozen=True)
 class PrecisionGuarantee:
-    """What a kernel promises about its numbers.
+    """What an executable promises about its numbers.
 
     Attributes:
         bit_identical: outputs and scratches equal the reference (cpu) bit for bit on normal inputs.
