@@ -1,6 +1,6 @@
 """GPU benchmark of qlinear's cuda backend beside torch, on one device, in one run.
 
-    python benchmarks/cuda_bench.py                       # M in {1, 16, 512, 4096} x 4 (K, N) x {f16, bf16}
+    python benchmarks/cuda_bench.py          # M in {1, 16, 512, 4096} x 4 (K, N) x {f16, bf16}
     python benchmarks/cuda_bench.py --m 1 16 --kn 4096x4096 --dtype f16
     python benchmarks/cuda_bench.py --json cuda_bench.json
 
@@ -75,10 +75,12 @@ def parse_args(argv=None):
     p.add_argument("--m", type=int, nargs="+", default=list(DEFAULT_M), help="rows (tokens)")
     p.add_argument("--kn", nargs="+", default=[f"{k}x{n}" for k, n in DEFAULT_KN],
                    help="KxN shapes, e.g. 4096x14336")
-    p.add_argument("--dtype", nargs="+", default=list(DEFAULT_DTYPES), choices=["f16", "bf16", "f32"])
+    p.add_argument("--dtype", nargs="+", default=list(DEFAULT_DTYPES),
+                   choices=["f16", "bf16", "f32"])
     p.add_argument("--repeats", type=int, default=50, help="timed runs per measurement (median)")
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--no-check", action="store_true", help="skip the oracle check (not recommended)")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the oracle check (not recommended)")
     p.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     args = p.parse_args(argv)
     try:
@@ -126,9 +128,9 @@ class Timer:
         program = Program(_SPIN_SOURCE, "c++", ProgramOptions(arch=be.arch))
         self._spin = program.compile("cubin").get_kernel("qlinear_bench_spin")
         self._spin_config = LaunchConfig(grid=1, block=1)
-        clock_khz = int(be._device.properties.clock_rate)
+        clock_khz = int(be.device.properties.clock_rate)
         self._spin_cycles = np.int64(clock_khz * SPIN_US // 1000)
-        l2 = int(be._device.properties.l2_cache_size)
+        l2 = int(be.device.properties.l2_cache_size)
         self._flush = be.empty((2 * l2,), ql.s8)
         from cuda.bindings import driver
 
@@ -365,7 +367,8 @@ def _ratio(a, b):
 
 def print_table(rows, device: str, copy_gbps: float) -> None:
     """The human-readable table."""
-    print(f"\n{device}; copy bandwidth {copy_gbps:.0f} GB/s; int8 peak {INT8_PEAK_TOPS:.0f} TOPS (dense)")
+    print(f"\n{device}; copy bandwidth {copy_gbps:.0f} GB/s; "
+          f"int8 peak {INT8_PEAK_TOPS:.0f} TOPS (dense)")
     head = (f"{'M':>5} {'K':>6} {'N':>6} {'dt':>4} | {'qlinear ms':>10} {'TOPS':>7} {'%peak':>6} | "
             f"{'w8a8 ms':>8} {'w8a8/ql':>7} | {'fp ms':>8} {'fp/ql':>6} | {'wread ms':>8} "
             f"{'ql/wread':>8} | {'act GB/s':>8} {'%copy':>6}")
@@ -380,8 +383,7 @@ def print_table(rows, device: str, copy_gbps: float) -> None:
               f"{'-' if fp is None else f'{fp:.4f}':>8} {_ratio(fp, r['qlinear_ms']):>6} | "
               f"{r['weight_read_ms']:>8.4f} {_ratio(r['qlinear_ms'], r['weight_read_ms']):>8} | "
               f"{r['act_pass_gbps']:>8.0f} {100 * r['act_pass_gbps'] / copy_gbps:>5.0f}%")
-    notes = sorted({(r["sku"], r["torch_note"]) for r in rows})
-    for sku, note in notes:
+    for note in sorted({r["torch_note"] for r in rows}):
         if note:
             print(f"  note: {note}")
     print("  kernels: " + "; ".join(sorted({r['sku'] for r in rows})))
@@ -415,7 +417,8 @@ def main(argv=None) -> int:
         for k, n in args.kn:
             for m in args.m:
                 try:
-                    row = bench_shape(be, torch, timer, stream, m, k, n, dtype, args, copy_gbps, rng)
+                    row = bench_shape(be, torch, timer, stream, m, k, n, dtype, args,
+                                      copy_gbps, rng)
                 except AssertionError as e:
                     print(f"CHECK FAILED: {e}", file=sys.stderr)
                     return 1

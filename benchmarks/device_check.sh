@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# One prepared run for a lent NVIDIA machine (the device tool's `run`), in the repo root:
-#   bash benchmarks/device_check.sh            # everything below, logs and JSON in $OUT
-# Order: facts, the shared suite on cuda, compute-sanitizer, the CUDA benchmark, then
-# WGSL on the NVIDIA Vulkan adapter when the wgpu wheel (.whl/) and loader (.gl/) were
-# carried (see the device tool's README). Each step logs to $OUT and the script goes on
-# after a failure, so one call returns everything.
+# The GPU checks of qlinear on an NVIDIA machine, in one call from the repository root:
+#   bash benchmarks/device_check.sh            # logs and JSON in $OUT (default /tmp/qlinear-device)
+# Order: device facts, the shared suite on the cuda backend, compute-sanitizer (memcheck,
+# racecheck), the CUDA benchmark, then WGSL on the NVIDIA Vulkan adapter when a wgpu wheel
+# (.whl/) and the Vulkan loader packages (.gl/*.deb) sit in the repository root. Each step
+# logs to $OUT and the script goes on after a failure, so one run reports every step.
 set -uo pipefail
 OUT="${OUT:-/tmp/qlinear-device}"
 mkdir -p "$OUT"

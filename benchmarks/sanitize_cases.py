@@ -4,8 +4,10 @@ Every case is checked against the exact int64 reference as well, so one run unde
 sanitizer says both "no bad access / no race" and "right answer". It also runs one
 zero-copy case each on torch and CuPy tensors on a non-default stream, where installed.
 
-    compute-sanitizer --tool memcheck --error-exitcode 3 python benchmarks/sanitize_cases.py
-    compute-sanitizer --tool racecheck --error-exitcode 3 python benchmarks/sanitize_cases.py --quick
+    compute-sanitizer --tool memcheck --error-exitcode 3 \
+        python benchmarks/sanitize_cases.py
+    compute-sanitizer --tool racecheck --error-exitcode 3 \
+        python benchmarks/sanitize_cases.py --quick
 """
 
 import argparse

@@ -11,12 +11,14 @@ import pytest
 
 import qlinear as ql
 from qlinear.backends import cuda as qc
+from qlinear.backends.cuda import compile as cuda_compile
+from qlinear.backends.cuda import driver, interop
 from qlinear.problem import LinearTensors, QuantizeTensors
 from qlinear.tensors import Tensor
 
 
 def _driver_present() -> bool:
-    return qc._find_driver() is not None
+    return driver.find_driver() is not None
 
 
 @pytest.mark.skipif(_driver_present(), reason="an NVIDIA driver is installed here")
@@ -58,14 +60,14 @@ class FakeCAI:
 
 
 def test_cai_view_contiguous_and_strided():
-    ptr, shape, strides, dtype, ro = qc._cai_view(
+    ptr, shape, strides, dtype, ro = interop.cai_view(
         FakeCAI(shape=(3, 4), typestr="<f2", data=(4096, False)), "x")
     assert (ptr, shape, strides, dtype, ro) == (4096, (3, 4), (4, 1), ql.f16, False)
-    ptr, shape, strides, dtype, ro = qc._cai_view(
+    ptr, shape, strides, dtype, ro = interop.cai_view(
         FakeCAI(shape=(3, 4), typestr="<f4", strides=(32, 4), data=(256, True)), "x")
     assert (shape, strides, dtype, ro) == ((3, 4), (8, 1), ql.f32, True)
-    assert qc._cai_view(FakeCAI(shape=(5,), typestr="|i1"), "x")[3] == ql.s8
-    assert qc._cai_view(FakeCAI(shape=(5,), typestr="<f8"), "x")[3] == ql.f64
+    assert interop.cai_view(FakeCAI(shape=(5,), typestr="|i1"), "x")[3] == ql.s8
+    assert interop.cai_view(FakeCAI(shape=(5,), typestr="<f8"), "x")[3] == ql.f64
 
 
 @pytest.mark.parametrize("cai,match", [
@@ -77,7 +79,7 @@ def test_cai_view_contiguous_and_strided():
 ])
 def test_cai_view_rejects(cai, match):
     with pytest.raises(ql.InvalidProblem, match=match) as info:
-        qc._cai_view(FakeCAI(**cai), "activation")
+        interop.cai_view(FakeCAI(**cai), "activation")
     assert "activation" in str(info.value)
 
 
@@ -87,8 +89,8 @@ def test_cai_view_without_interface():
         def __cuda_array_interface__(self):
             raise TypeError("bfloat16 is not supported")  # what torch does for bf16
 
-    assert qc._cai_view(Refuses(), "x") is None
-    assert qc._cai_view(object(), "x") is None
+    assert interop.cai_view(Refuses(), "x") is None
+    assert interop.cai_view(object(), "x") is None
 
 
 # ---------------------------------------------------------------------------------
@@ -113,7 +115,7 @@ class FakeDevice:
 
 @pytest.fixture
 def fake_backend(monkeypatch):
-    monkeypatch.setattr(qc, "_nvrtc_archs", lambda: (75, 80, 86, 89, 90, 100, 120))
+    monkeypatch.setattr(cuda_compile, "_nvrtc_archs", lambda: (75, 80, 86, 89, 90, 100, 120))
     be = qc.CudaBackend(FakeDevice())
     launches = []
     monkeypatch.setattr(be, "kernel", lambda spec: spec)
@@ -147,7 +149,8 @@ def test_wrap(fake_backend, monkeypatch):
     monkeypatch.setattr(be, "_pointer_device", lambda ptr: "cuda:0")
     t = be.wrap(FakeCAI(shape=(2, 8), typestr="<f2", data=(1 << 20, False)), name="activation")
     assert isinstance(t, Tensor)
-    assert (t.backend, t.device, t.shape, t.dtype, t.strides) == ("cuda", "cuda:0", (2, 8), ql.f16, (8, 1))
+    assert (t.backend, t.device, t.shape, t.dtype, t.strides) == (
+        "cuda", "cuda:0", (2, 8), ql.f16, (8, 1))
     assert t.memory == "cuda:0" and t.data_ptr == 1 << 20 and not t.readonly
     assert be.wrap(t) is t
     with pytest.raises(ql.InvalidProblem, match="numpy array"):
@@ -169,7 +172,7 @@ def test_aliasing_is_seen_through_device_pointers(fake_backend):
 
 def _linear(be, m, n, k, dtype, bias=True, misalign=0):
     desc = ql.QuantizedLinearDescriptor(m=m, c_out=n, k=k, dtype=dtype)
-    kern = be.linear_executable(desc)
+    exe = be.linear_executable(desc)
     base = 1 << 30
     t = {
         "activation": _tensor(be, (m, k), dtype, base + misalign),
@@ -182,13 +185,13 @@ def _linear(be, m, n, k, dtype, bias=True, misalign=0):
     }
     t = LinearTensors(**t)
     be.launches.clear()
-    kern.run(t, stream=None)
-    return kern, t, list(be.launches)
+    exe.run(t, stream=None)
+    return exe, t, list(be.launches)
 
 
 def test_linear_run_launches_act_then_gemm_without_syncing(fake_backend):
     be = fake_backend
-    kern, t, launches = _linear(be, 4096, 14336, 4096, ql.bf16)
+    exe, t, launches = _linear(be, 4096, 14336, 4096, ql.bf16)
     assert [spec.source for spec, *_ in launches] == ["act_quant.cu", "gemm_mma.cu"]
     (act, act_grid, s1, act_args), (gemm, gemm_grid, s2, gemm_args) = launches
     assert s1 == s2 == "default-stream"
@@ -202,49 +205,50 @@ def test_linear_run_launches_act_then_gemm_without_syncing(fake_backend):
     assert gemm_args[:6] == tuple(getattr(t, k).data_ptr for k in (
         "act_q_scratch", "act_scale_scratch", "weight_q", "weight_scale", "bias", "output"))
     assert [int(v) for v in gemm_args[6:]] == [4096, 14336, 4096, 1]
-    assert "gemm_mma_128x128" in kern.sku and kern.sku.startswith("cuda.sm_90a.")
+    assert "gemm_mma_128x128" in exe.sku and exe.sku.startswith("cuda.sm_90a.")
 
 
 def test_decode_shape_takes_the_split_k_kernel(fake_backend):
-    kern, t, launches = _linear(fake_backend, 1, 4096, 4096, ql.f16, bias=False)
+    exe, t, launches = _linear(fake_backend, 1, 4096, 4096, ql.f16, bias=False)
     gemm, grid = launches[1][0], launches[1][1]
     assert gemm.source == "gemv_mma.cu" and grid == (512, 1)
     assert launches[1][3][4] == 0  # no bias: a null pointer
-    assert "decode" in kern.sku
-    kern, t, launches = _linear(fake_backend, 16, 14336, 4096, ql.f16)
+    assert "decode" in exe.sku
+    exe, t, launches = _linear(fake_backend, 16, 14336, 4096, ql.f16)
     assert launches[1][0].args[2] == "4" and launches[1][1] == (448, 1)
 
 
 def test_misaligned_tensors_take_the_exact_fallbacks(fake_backend):
-    kern, t, launches = _linear(fake_backend, 8, 64, 256, ql.f16, misalign=2)
+    exe, t, launches = _linear(fake_backend, 8, 64, 256, ql.f16, misalign=2)
     act = launches[0][0]
     assert act.args[3] == "false", "an activation off 16-byte alignment must not use vec16 loads"
-    kern, t, launches = _linear(fake_backend, 40, 64, 33, ql.f32)  # K % 16 != 0
+    exe, t, launches = _linear(fake_backend, 40, 64, 33, ql.f32)  # K % 16 != 0
     assert launches[0][0].args[3] == "false" and launches[1][0].args[-1] == "false"
-    assert "_bytes" in kern.sku
+    assert "_bytes" in exe.sku
 
 
 def test_odd_output_columns_store_singly(fake_backend):
-    kern, t, launches = _linear(fake_backend, 40, 63, 64, ql.f16)
+    exe, t, launches = _linear(fake_backend, 40, 63, 64, ql.f16)
     assert int(launches[1][3][-1]) == 0
 
 
 def test_quantize_plan(fake_backend):
     desc = ql.DynamicRangeQuantizeDescriptor(m=3, k=101, dtype=ql.f64)
-    kern = fake_backend.quantize_executable(desc)
+    exe = fake_backend.quantize_executable(desc)
     t = QuantizeTensors(activation=_tensor(fake_backend, (3, 101), ql.f64, 1 << 20),
                         act_q=_tensor(fake_backend, (3, 101), ql.s8, 2 << 20),
                         act_scale=_tensor(fake_backend, (3,), ql.f64, 3 << 20))
     fake_backend.launches.clear()
-    kern.run(t)
+    exe.run(t)
     (spec, grid, _, args), = fake_backend.launches
-    assert spec.source == "act_quant.cu" and grid == (1,) and spec.args[:4] == ("double", "256", "true", "false")
-    assert kern.sku == "cuda.sm_90a.rowquant_warp_scalar"
+    assert spec.source == "act_quant.cu" and grid == (1,)
+    assert spec.args[:4] == ("double", "256", "true", "false")
+    assert exe.sku == "cuda.sm_90a.rowquant_warp_scalar"
     assert [int(v) for v in args[3:]] == [3, 101, -127, 127]
 
 
 def test_sm75_uses_dp4a(monkeypatch):
-    monkeypatch.setattr(qc, "_nvrtc_archs", lambda: (75, 80, 86, 89, 90))
+    monkeypatch.setattr(cuda_compile, "_nvrtc_archs", lambda: (75, 80, 86, 89, 90))
 
     class Turing(FakeDevice):
         compute_capability = (7, 5)
@@ -252,11 +256,12 @@ def test_sm75_uses_dp4a(monkeypatch):
     be = qc.CudaBackend(Turing())
     be.launches = []
     monkeypatch.setattr(be, "kernel", lambda spec: spec)
-    monkeypatch.setattr(be, "launch", lambda spec, grid, stream, *args: be.launches.append((spec, grid)))
-    kern, _, launches = _linear(be, 1, 100, 64, ql.f32)
-    assert launches[1][0].source == "gemm_dp4a.cu" and "decode_gemm_dp4a_16x128" in kern.sku
-    kern, _, launches = _linear(be, 300, 100, 64, ql.f32)
-    assert "gemm_dp4a_128x128" in kern.sku
+    monkeypatch.setattr(be, "launch",
+                        lambda spec, grid, stream, *args: be.launches.append((spec, grid)))
+    exe, _, launches = _linear(be, 1, 100, 64, ql.f32)
+    assert launches[1][0].source == "gemm_dp4a.cu" and "decode_gemm_dp4a_16x128" in exe.sku
+    exe, _, launches = _linear(be, 300, 100, 64, ql.f32)
+    assert "gemm_dp4a_128x128" in exe.sku
 
 
 def test_kernel_loads_the_compiled_cubin_by_mangled_name(monkeypatch):
@@ -284,7 +289,7 @@ def test_kernel_loads_the_compiled_cubin_by_mangled_name(monkeypatch):
             return f"kernel:{name}"
 
     monkeypatch.setattr(cuda.core, "ObjectCode", FakeObjectCode)
-    monkeypatch.setattr(qc, "_nvrtc_archs", lambda: (75, 80, 86, 89, 90))
+    monkeypatch.setattr(cuda_compile, "_nvrtc_archs", lambda: (75, 80, 86, 89, 90))
     be = qc.CudaBackend(FakeDevice(), cache=KernelCache(None))
     spec = qc.act_spec(ql.f16, True, True)
     k = be.kernel(spec)
@@ -302,7 +307,7 @@ def test_stream_protocols_become_handles(fake_backend, monkeypatch):
             made.append(h)
             return f"stream:{h}"
 
-    monkeypatch.setattr(fake_backend, "_Stream", FakeStream)
+    monkeypatch.setattr(fake_backend._streams, "_stream_type", FakeStream)
 
     class Method:
         def __cuda_stream__(self):
@@ -321,3 +326,65 @@ def test_stream_protocols_become_handles(fake_backend, monkeypatch):
     from cuda.core import LEGACY_DEFAULT_STREAM
 
     assert fake_backend.stream(0) is LEGACY_DEFAULT_STREAM
+
+
+# ---------------------------------------------------------------------------------
+# Purity of the selection, and the read-back of strided views
+
+
+def test_selection_is_pure_without_cuda_python():
+    """Kernel choice needs neither cuda-python nor a device: with every ``cuda`` import
+    refused, the selection module imports and chooses, for every architecture, only
+    kernels that kernel_variants() lists (and so CI compiles)."""
+    code = """
+import sys
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name == "cuda" or name.startswith("cuda."):
+            raise ImportError(f"{name} refused")
+sys.meta_path.insert(0, Refuse())
+from qlinear.backends.cuda.select import select_linear, select_quantize
+from qlinear.backends.cuda.specs import SUPPORTED_ARCHS, kernel_variants
+from qlinear.dtypes import FLOAT_DTYPES
+from qlinear.problem import DECODE_MAX_M
+for arch in SUPPORTED_ARCHS:
+    names = {s.name_expression for s in kernel_variants(arch)}
+    for dt in FLOAT_DTYPES:
+        for m in (1, DECODE_MAX_M, DECODE_MAX_M + 1, 4096):
+            for n, k in ((8, 3), (4096, 4096), (14336, 4096)):
+                sel = select_linear(m, n, k, dt, arch, 132)
+                used = {sel.act, sel.act_fallback, sel.gemm, sel.gemm_fallback}
+                assert {s.name_expression for s in used} <= names, (arch, m, n, k)
+                assert ("decode" in sel.gemm.label) == (m <= DECODE_MAX_M), sel.sku
+                fast, fallback, grid = select_quantize(m, k, dt)
+                assert {fast.name_expression, fallback.name_expression} <= names
+assert not [n for n in sys.modules if n == "cuda" or n.startswith("cuda.")]
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_to_numpy_reads_contiguous_and_strided_views(fake_backend, monkeypatch):
+    """to_numpy copies the bytes a view spans and rebuilds its elements on the host (the
+    'device' here is host memory, copied by a stand-in for cuMemcpyDtoH)."""
+    import ctypes
+
+    driver_mod = pytest.importorskip("cuda.bindings.driver")
+
+    def memcpy_dtoh(dst, src, nbytes):
+        ctypes.memmove(dst, src, nbytes)
+        return (0,)
+
+    monkeypatch.setattr(driver_mod, "cuMemcpyDtoH", memcpy_dtoh)
+    monkeypatch.setattr(fake_backend, "synchronize", lambda stream=None: None)
+    memory = np.arange(6 * 10, dtype=np.float32).reshape(6, 10)
+    base = memory.ctypes.data
+    whole = _tensor(fake_backend, (6, 10), ql.f32, base)
+    np.testing.assert_array_equal(fake_backend.to_numpy(whole), memory)
+    # Rows 1..4, columns 2..7: a view whose rows are 10 elements apart.
+    part = Tensor("cuda", "cuda:0", (4, 6), ql.f32, (10, 1), None, "cuda:0",
+                  data_ptr=base + (1 * 10 + 2) * 4)
+    got = fake_backend.to_numpy(part)
+    np.testing.assert_array_equal(got, memory[1:5, 2:8])
+    assert got.flags.c_contiguous and got.flags.owndata
+    empty = _tensor(fake_backend, (0, 10), ql.f32, base)
+    assert fake_backend.to_numpy(empty).shape == (0, 10)

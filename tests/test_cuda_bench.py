@@ -31,7 +31,8 @@ def _cuda_available() -> bool:
 
 
 def test_imports_cleanly_without_torch_or_gpu():
-    code = (f"import importlib.util, sys; s = importlib.util.spec_from_file_location('b', {str(SCRIPT)!r}); "
+    code = ("import importlib.util, sys; "
+            f"s = importlib.util.spec_from_file_location('b', {str(SCRIPT)!r}); "
             "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
             "assert 'torch' not in sys.modules and 'cuda.core' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

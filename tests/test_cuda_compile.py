@@ -18,6 +18,7 @@ import pytest
 
 pytest.importorskip("cuda.core")
 from qlinear.backends import cuda as qc  # noqa: E402
+from qlinear.backends.cuda import compile as cuda_compile  # noqa: E402
 from qlinear.errors import DeviceError  # noqa: E402
 from qlinear.kernel_cache import KernelCache  # noqa: E402
 
@@ -64,7 +65,8 @@ def compiled():
     """(arch, name expression) -> (mangled symbol, cubin function symbols, ptxas report)."""
     results = {}
     reports = {}
-    for (arch, name), (spec, entry) in qc.compile_all_variants(workers=min(8, os.cpu_count() or 1)).items():
+    entries = qc.compile_all_variants(workers=min(8, os.cpu_count() or 1))
+    for (arch, name), (_spec, entry) in entries.items():
         if entry.key not in reports:
             reports[entry.key] = (qc.ptxas_report(entry.log), elf_function_symbols(entry.binary))
         report, funcs = reports[entry.key]
@@ -131,7 +133,7 @@ def test_plans_only_choose_compiled_kernels(arch):
 
 
 def test_compile_error_is_a_device_error_with_the_log(monkeypatch):
-    monkeypatch.setattr(qc, "expand_source",
+    monkeypatch.setattr(cuda_compile, "expand_source",
                         lambda name: "__global__ void broken() { this_is_not_cuda; }\n")
     with pytest.raises(DeviceError) as info:
         qc.compile_module("broken.cu", ["broken"], qc.CompileOptions("sm_80"), KernelCache(None))
@@ -140,7 +142,8 @@ def test_compile_error_is_a_device_error_with_the_log(monkeypatch):
 
 
 def test_sources_avoid_host_headers():
-    for name in ("qlinear_common.cuh", "act_quant.cu", "gemm_mma.cu", "gemv_mma.cu", "gemm_dp4a.cu"):
+    for name in ("qlinear_common.cuh", "act_quant.cu", "gemm_mma.cu", "gemv_mma.cu",
+                 "gemm_dp4a.cu"):
         text = qc.expand_source(name)
         includes = [line.split(None, 1)[1] for line in text.splitlines()
                     if line.lstrip().startswith("#include")]
@@ -176,10 +179,11 @@ def _ptx(source: str, name: str, arch: str) -> str:
     from cuda.bindings import nvrtc
     from cuda.core import ProgramOptions
 
-    kwargs, _ = qc._header_options()
+    kwargs, _ = cuda_compile._header_options()
     opts = ProgramOptions(arch=arch.replace("sm_", "compute_"), std="c++17", ftz=False,
                           prec_div=True, prec_sqrt=True, **kwargs).as_bytes("nvrtc")
-    err, prog = nvrtc.nvrtcCreateProgram(qc.expand_source(source).encode(), source.encode(), 0, [], [])
+    text = qc.expand_source(source).encode()
+    err, prog = nvrtc.nvrtcCreateProgram(text, source.encode(), 0, [], [])
     assert int(err) == 0
     try:
         nvrtc.nvrtcAddNameExpression(prog, name.encode())

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from qlinear.backends import cuda as qc
+from qlinear.backends.cuda import specs
 
 LANES = np.arange(32)
 G = LANES >> 2
@@ -128,7 +129,8 @@ def test_mma_emulation_is_a_matmul():
     a_regs[:, :] = a[A_ROWS, A_COLS]
     b_regs = b[B_ROWS, B_COLS]
     c = np.zeros((32, 4), np.int64)
-    mma(c, a_regs.view("<u4").reshape(32, 4), np.ascontiguousarray(b_regs).view("<u4").reshape(32, 2))
+    mma(c, a_regs.view("<u4").reshape(32, 4),
+        np.ascontiguousarray(b_regs).view("<u4").reshape(32, 2))
     d = np.zeros((16, 8), np.int64)
     d[C_ROWS, C_COLS] = c
     np.testing.assert_array_equal(d, a.astype(np.int64) @ b.astype(np.int64))
@@ -141,7 +143,7 @@ def test_tile_rasterisation_is_a_bijection(tiles_m, tiles_n):
 
 
 def emulate_gemm_mma(a, w, tile, aligned):
-    bm, bn, warps_m, warps_n, stages = qc._MMA_TILES[tile]
+    bm, bn, warps_m, warps_n, stages = specs.MMA_TILES[tile]
     BK = 64
     M, K = a.shape
     N = w.shape[0]
@@ -187,12 +189,13 @@ def emulate_gemm_mma(a, w, tile, aligned):
                             m = m0 + wm0 + mi * 16 + G + 8 * h
                             n = n0 + wn0 + ni * 8 + 2 * T + j
                             ok = (m < M) & (n < N)
-                            assert (y[m[ok], n[ok]] == np.iinfo(np.int64).min).all(), "written twice"
+                            unwritten = y[m[ok], n[ok]] == np.iinfo(np.int64).min
+                            assert unwritten.all(), "written twice"
                             y[m[ok], n[ok]] = acc[warp, mi, ni, ok, 2 * h + j]
     return y
 
 
-@pytest.mark.parametrize("tile", list(qc._MMA_TILES))
+@pytest.mark.parametrize("tile", list(specs.MMA_TILES))
 @pytest.mark.parametrize("m,n,k,aligned", [
     (1, 8, 64, True), (70, 72, 128, True), (130, 136, 208, True), (17, 130, 48, True),
     (33, 19, 3, False), (65, 65, 1, False), (20, 70, 77, False), (3, 5, 0, True),
@@ -205,8 +208,8 @@ def test_gemm_mma_index_math(tile, m, n, k, aligned):
     np.testing.assert_array_equal(y, oracle(a, w))
 
 
-def emulate_gemv(a, w, ngroups, aligned, warps=qc._GEMV_WARPS):
-    unroll = qc._gemv_unroll(ngroups)
+def emulate_gemv(a, w, ngroups, aligned, warps=specs.GEMV_WARPS):
+    unroll = specs.gemv_unroll(ngroups)
     M, K = a.shape
     N = w.shape[0]
     y = np.full((M, N), np.iinfo(np.int64).min)
@@ -241,7 +244,7 @@ def emulate_gemv(a, w, ngroups, aligned, warps=qc._GEMV_WARPS):
     return y
 
 
-@pytest.mark.parametrize("ngroups", qc._GEMV_NGROUPS)
+@pytest.mark.parametrize("ngroups", specs.GEMV_NGROUPS)
 @pytest.mark.parametrize("m,n,k,aligned", [
     (1, 8, 64, True), (16, 40, 1024, True), (5, 33, 4096 + 64 * 3, True), (9, 70, 16, True),
     (1, 3, 1, False), (16, 17, 3, False), (7, 9, 333, False), (2, 4, 0, True),
@@ -255,7 +258,7 @@ def test_gemv_index_math(ngroups, m, n, k, aligned):
 
 
 def emulate_dp4a(a, w, tile, aligned):
-    bm, bn, tm_, tn_ = qc._DP4A_TILES[tile]
+    bm, bn, tm_, tn_ = specs.DP4A_TILES[tile]
     tx_n, ty_n = bn // tn_, bm // tm_
     M, K = a.shape
     N = w.shape[0]
@@ -295,9 +298,10 @@ def emulate_dp4a(a, w, tile, aligned):
     return y
 
 
-@pytest.mark.parametrize("tile", list(qc._DP4A_TILES))
+@pytest.mark.parametrize("tile", list(specs.DP4A_TILES))
 @pytest.mark.parametrize("m,n,k,aligned", [
-    (1, 8, 32, True), (20, 130, 96, True), (130, 9, 48, True), (3, 3, 3, False), (17, 129, 45, False),
+    (1, 8, 32, True), (20, 130, 96, True), (130, 9, 48, True), (3, 3, 3, False),
+    (17, 129, 45, False),
 ])
 def test_dp4a_index_math(tile, m, n, k, aligned):
     rng = np.random.default_rng(m * 31 + n * 7 + k)

@@ -19,7 +19,8 @@ import pytest
 from qlinear import kernel_cache as kc
 from qlinear.kernel_cache import CacheEntry, KernelCache, make_key
 
-PARTS = {"kind": "test", "source": "x.cu", "arch": "sm_90a", "nvrtc": [13, 5], "options": {"std": "c++17"}}
+PARTS = {"kind": "test", "source": "x.cu", "arch": "sm_90a", "nvrtc": [13, 5],
+         "options": {"std": "c++17"}}
 
 
 def payload(seed: int = 0, size: int = 4096) -> bytes:
@@ -215,7 +216,7 @@ def test_threads_build_a_key_once(tmp_path):
 
 def test_entry_is_immutable():
     e = CacheEntry("k", b"x")
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - any refusal shows it immutable
         e.binary = b"y"
 
 
@@ -237,7 +238,7 @@ def test_cuda_compiles_go_through_the_cache(tmp_path, monkeypatch):
     assert dict(first.parts)["nvrtc"] == list(qc.nvrtc_version())
     # A new process would find it on disk: simulate with a fresh cache object.
     fresh = KernelCache(tmp_path)
-    monkeypatch.setattr(qc, "default_cache", lambda: fresh)
+    monkeypatch.setattr(qc.compile, "default_cache", lambda: fresh)
     again = qc.compile_module(spec.source, [spec.name_expression], opts)
     assert again.source == "disk" and again.binary == first.binary
     assert dict(again.symbols) == dict(first.symbols)

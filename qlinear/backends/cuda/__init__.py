@@ -1,0 +1,74 @@
+"""The cuda backend: NVIDIA GPUs through kernels compiled at run time with NVRTC (cuda.core).
+
+The kernels live in the top-level ``cuda/`` folder (shipped inside the wheel):
+
+- ``act_quant.cu``: the activation pass, fused (row amax, scale, quantization), vectorized;
+- ``gemm_mma.cu``: the int8 GEMM on integer tensor cores (``mma.sync`` m16n8k32 s8,
+  int32 accumulators) with a multi-stage ``cp.async`` pipeline, sm_80+;
+- ``gemv_mma.cu``: the small-M (decode) kernel, split-K inside a block, sm_80+; on
+  sm_90+ it is launched with programmatic dependent launch, so its first weight loads
+  overlap the activation pass;
+- ``gemm_dp4a.cu``: the ``__dp4a`` GEMM of sm_75;
+
+each with the dequantization (+ bias) epilogue fused. They are compiled to a cubin for
+the device's own architecture (never PTX: a cubin needs no driver JIT, so a newer NVRTC
+than the driver is fine), and cached in memory and on disk by
+:mod:`qlinear.kernel_cache`.
+
+The modules, one concept each, from the sources up to the device:
+
+- :mod:`.sources`: the text NVRTC compiles (``#include`` inlining);
+- :mod:`.specs`: :class:`KernelSpec`, the tile tables, every variant per architecture;
+- :mod:`.select`: the pure choice of kernels and launch geometry for a shape;
+- :mod:`.compile`: NVRTC, the cache key, compiling every variant, the ptxas report;
+- :mod:`.driver`: finding libcuda without calling it, driver errors as ours;
+- :mod:`.interop`: foreign arrays (``__cuda_array_interface__``, DLPack) and streams;
+- :mod:`.executables`: what plans run, the launch glue;
+- :mod:`.backend`: :class:`CudaBackend` (device, tensors, kernel loading, launches) and
+  :func:`create`.
+
+Sources, specs, selection and compilation work without a GPU or a driver (selection
+without cuda-python at all), so CI compiles every kernel for every supported
+architecture. cuda.core is imported lazily: importing this package never touches the
+driver.
+"""
+
+from __future__ import annotations
+
+from .backend import CudaBackend, create
+from .compile import (
+    CompileOptions,
+    arch_for,
+    compile_all_variants,
+    compile_module,
+    nvrtc_version,
+    ptxas_report,
+)
+from .select import LinearSelection, select_linear, select_quantize
+from .sources import expand_source
+from .specs import SUPPORTED_ARCHS, KernelSpec, arch_number, kernel_variants
+
+# The spec builders, for tests and scripts that build a spec by hand (not in __all__).
+from .specs import act_spec as act_spec
+from .specs import dp4a_spec as dp4a_spec
+from .specs import gemm_mma_spec as gemm_mma_spec
+from .specs import gemv_spec as gemv_spec
+
+__all__ = [
+    "CudaBackend",
+    "create",
+    "CompileOptions",
+    "KernelSpec",
+    "LinearSelection",
+    "SUPPORTED_ARCHS",
+    "arch_for",
+    "arch_number",
+    "compile_all_variants",
+    "compile_module",
+    "expand_source",
+    "kernel_variants",
+    "nvrtc_version",
+    "ptxas_report",
+    "select_linear",
+    "select_quantize",
+]

@@ -1,0 +1,98 @@
+"""What cuda plans run: the kernels chosen for one descriptor, loaded, and their launch
+glue (argument marshalling, the aligned or fallback variant per run)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+
+from ..base import Executable, PrecisionGuarantee
+from .select import select_linear, select_quantize
+
+if TYPE_CHECKING:
+    from ...problem import (
+        DynamicRangeQuantizeDescriptor,
+        LinearTensors,
+        QuantizedLinearDescriptor,
+        QuantizeTensors,
+    )
+    from ...tensors import Tensor
+    from .backend import CudaBackend
+
+__all__ = ["CudaQuantizeExecutable", "CudaLinearExecutable"]
+
+
+def _addresses(*tensors: Tensor) -> tuple[int, ...]:
+    # A cuda Tensor always has a data_ptr; the type allows None for memory without addresses.
+    return cast("tuple[int, ...]", tuple(t.data_ptr for t in tensors))
+
+
+def _aligned(*ptrs: int, to: int = 16) -> bool:
+    return all(p % to == 0 for p in ptrs)
+
+
+class CudaQuantizeExecutable(Executable):
+    """The activation pass: one kernel, its 16-byte-vector variant where the shape and
+    the addresses allow it."""
+
+    precision_guarantee = PrecisionGuarantee(
+        note="IEEE division (__fdiv_rn/__ddiv_rn), round half to even; bit-identical to cpu")
+
+    def __init__(self, be: CudaBackend, desc: DynamicRangeQuantizeDescriptor) -> None:
+        self.be = be
+        self.desc = desc
+        self.fast, self.fallback, self.grid = select_quantize(desc.m, desc.k, desc.dtype)
+        self.sku = f"cuda.{be.arch}.{self.fast.label}"
+        be.kernel(self.fast)  # compile and load now, not on the first run
+
+    def run(self, tensors: QuantizeTensors, stream: Any = None) -> None:
+        d = self.desc
+        xp, qp, sp = _addresses(tensors.activation, tensors.act_q, tensors.act_scale)
+        spec = self.fast
+        # q's vectors hold as many int8 as x's hold elements: 16 / itemsize bytes.
+        if spec != self.fallback and not (
+                _aligned(xp) and _aligned(qp, to=16 // d.dtype.itemsize)):
+            spec = self.fallback
+        self.be.launch(spec, self.grid, stream, xp, qp, sp,
+                       np.int32(d.m), np.int32(d.k), np.int32(d.q_min), np.int32(d.q_max))
+
+
+class CudaLinearExecutable(Executable):
+    """The activation pass, then the int8 GEMM with the dequantization (+ bias) epilogue
+    fused, on one stream, with no synchronization."""
+
+    precision_guarantee = PrecisionGuarantee(
+        bit_identical=True, deterministic=True, flushes_subnormals=False, exact_int32=True,
+        note="IEEE division and round half to even in the activation pass; exact int32 on "
+             "integer tensor cores (dp4a on sm_75); split-K partials summed in int32 in a "
+             "fixed order; epilogue with __fmul_rn/__fadd_rn (no FMA contraction)")
+
+    def __init__(self, be: CudaBackend, desc: QuantizedLinearDescriptor) -> None:
+        self.be = be
+        self.desc = desc
+        self.sel = select_linear(desc.m, desc.c_out, desc.k, desc.dtype, be.arch, be.sm_count)
+        self.sku = self.sel.sku
+        be.kernel(self.sel.act)
+        be.kernel(self.sel.gemm)
+
+    def run(self, tensors: LinearTensors, stream: Any = None) -> None:
+        d, sel, t = self.desc, self.sel, tensors
+        xp, aqp, ascp, wqp, wsp, yp = _addresses(t.activation, t.act_q_scratch,
+                                                 t.act_scale_scratch, t.weight_q,
+                                                 t.weight_scale, t.output)
+        item = d.dtype.itemsize
+        act = sel.act
+        if act != sel.act_fallback and not (_aligned(xp) and _aligned(aqp, to=16 // item)):
+            act = sel.act_fallback
+        gemm = sel.gemm
+        if gemm != sel.gemm_fallback and not _aligned(aqp, wqp):
+            gemm = sel.gemm_fallback
+        # The epilogue stores two outputs at once where columns come in aligned pairs.
+        pair_ok = d.c_out % 2 == 0 and yp % (2 * item) == 0
+        s = self.be.stream(stream)
+        self.be.launch(act, sel.act_grid, s, xp, aqp, ascp, np.int32(d.m), np.int32(d.k),
+                       np.int32(d.q_min), np.int32(d.q_max))
+        self.be.launch(gemm, sel.gemm_grid, s, aqp, ascp, wqp, wsp,
+                       0 if t.bias is None else t.bias.data_ptr, yp,
+                       np.int32(d.m), np.int32(d.c_out), np.int32(d.k), np.int32(pair_ok))

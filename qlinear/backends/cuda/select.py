@@ -1,0 +1,99 @@
+"""Kernel selection: descriptor + device facts -> kernel specs and launch geometry.
+
+Pure: it needs neither cuda-python nor a device, so every choice for every supported
+architecture is testable on any machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...dtypes import DType, DTypeLike, as_dtype
+from ...problem import DECODE_MAX_M
+from .specs import (
+    ACT_THREADS,
+    ACT_WARP_MAX_K,
+    DP4A_TILES,
+    GEMV_NGROUPS,
+    MMA_TILES,
+    KernelSpec,
+    act_spec,
+    arch_number,
+    dp4a_spec,
+    gemm_mma_spec,
+    gemv_spec,
+)
+
+__all__ = ["LinearSelection", "select_linear", "select_quantize"]
+
+
+@dataclass(frozen=True)
+class LinearSelection:
+    """The kernels of one linear plan and their launch geometry.
+
+    ``act``/``gemm`` are the fast variants for the shape; ``act_fallback``/``gemm_fallback``
+    serve tensors whose addresses are not 16-byte aligned (the same kernels with element
+    or byte loads; equal to the fast ones when the shape already rules vectors out)."""
+
+    act: KernelSpec
+    act_fallback: KernelSpec
+    act_grid: tuple[int, ...]
+    gemm: KernelSpec
+    gemm_fallback: KernelSpec
+    gemm_grid: tuple[int, ...]
+    sku: str
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _act_plan(m: int, k: int, dtype: DType) -> tuple[KernelSpec, KernelSpec, tuple[int, ...]]:
+    warp_rows = k <= ACT_WARP_MAX_K
+    vec_ok = k > 0 and (k * dtype.itemsize) % 16 == 0
+    fast = act_spec(dtype, warp_rows, vec_ok)
+    fallback = act_spec(dtype, warp_rows, False)
+    rows_per_block = ACT_THREADS // 32 if warp_rows else 1
+    return fast, fallback, (max(1, _cdiv(m, rows_per_block)),)
+
+
+def select_quantize(m: int, k: int,
+                    dtype: DTypeLike) -> tuple[KernelSpec, KernelSpec, tuple[int, ...]]:
+    """``(fast, fallback, grid)`` of the activation pass for ``x[m, k]``."""
+    return _act_plan(m, k, as_dtype(dtype))
+
+
+def select_linear(m: int, n: int, k: int, dtype: DTypeLike, arch: str,
+                  sm_count: int) -> LinearSelection:
+    """Choose the kernels for ``y[m, n] = dequant(quant(x[m, k]) @ w[n, k].T)`` on ``arch``.
+
+    Decode shapes (``m <=`` :data:`~qlinear.problem.DECODE_MAX_M`) take the split-K kernel
+    that streams the weight once (sm_80+) or the 16-row dp4a tile (sm_75); larger ones
+    the tiled GEMM, 128x128 when that still gives every SM a tile, else 64x64. The decode
+    kernel takes the widest block (8, 16 or 32 columns) that still gives every SM two."""
+    dt = as_dtype(dtype)
+    act, act_fb, act_grid = _act_plan(m, k, dt)
+    aligned = k % 16 == 0
+    sm_count = max(1, int(sm_count))
+    grid: tuple[int, ...]
+    if arch_number(arch) >= 80:
+        if m <= DECODE_MAX_M:
+            ng = next((g for g in sorted(GEMV_NGROUPS, reverse=True)
+                       if _cdiv(n, 8 * g) >= 2 * sm_count), min(GEMV_NGROUPS))
+            gemm = gemv_spec(dt, ng, aligned)
+            gemm_fb = gemv_spec(dt, ng, False)
+            grid = (max(1, _cdiv(n, 8 * ng)), max(1, _cdiv(m, 16)))
+        else:
+            tile = "128x128" if _cdiv(m, 128) * _cdiv(n, 128) >= sm_count else "64x64"
+            bm, bn = MMA_TILES[tile][:2]
+            gemm = gemm_mma_spec(dt, tile, aligned)
+            gemm_fb = gemm_mma_spec(dt, tile, False)
+            grid = (_cdiv(m, bm) * _cdiv(n, bn),)
+    else:
+        tile = "16x128" if m <= DECODE_MAX_M else "128x128"
+        bm, bn = DP4A_TILES[tile][:2]
+        gemm = dp4a_spec(dt, tile, aligned)
+        gemm_fb = dp4a_spec(dt, tile, False)
+        grid = (max(1, _cdiv(m, bm) * _cdiv(n, bn)),)
+    sku = f"cuda.{arch}.{act.label}+{gemm.label}+dequant_{dt.name}"
+    return LinearSelection(act, act_fb, act_grid, gemm, gemm_fb, grid, sku)

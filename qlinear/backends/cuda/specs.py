@@ -1,0 +1,167 @@
+"""Kernel specs: every template instantiation a plan can launch, named once.
+
+A :class:`KernelSpec` says which ``__global__`` template of which ``cuda/`` source, with
+which template arguments; :func:`kernel_variants` lists all of them for an architecture,
+so CI compiles exactly what the selection (:mod:`.select`) can choose.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ...dtypes import FLOAT_DTYPES, DType, f64
+from ...errors import InvalidProblem
+from ...problem import DECODE_MAX_M
+
+__all__ = [
+    "KernelSpec",
+    "SUPPORTED_ARCHS",
+    "ACT_THREADS",
+    "ACT_WARP_MAX_K",
+    "MMA_TILES",
+    "DP4A_TILES",
+    "GEMV_WARPS",
+    "GEMV_NGROUPS",
+    "act_spec",
+    "gemm_mma_spec",
+    "gemv_spec",
+    "gemv_unroll",
+    "dp4a_spec",
+    "arch_number",
+    "kernel_variants",
+]
+
+#: The architectures CI compiles every kernel for (sm_90a: the H100's own, with its
+#: architecture-specific features enabled).
+SUPPORTED_ARCHS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90a")
+
+_CTYPES = {"f32": "float", "f16": "__half", "bf16": "__nv_bfloat16", "f64": "double"}
+
+ACT_THREADS = 256
+#: Rows up to this many elements: one warp per row (else one block per row).
+ACT_WARP_MAX_K = 2048
+#: Tensor-core GEMM tiles, name: (BM, BN, WARPS_M, WARPS_N, STAGES).
+MMA_TILES = {
+    "128x128": (128, 128, 2, 4, 3),
+    "64x64": (64, 64, 2, 2, 3),
+}
+#: dp4a GEMM tiles, name: (BM, BN, TM, TN).
+DP4A_TILES = {
+    "128x128": (128, 128, 8, 8),
+    "16x128": (16, 128, 2, 4),
+}
+GEMV_WARPS = 8
+#: Column groups of 8 per block the decode kernel is built for.
+GEMV_NGROUPS = (1, 2, 4)
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel: a template instantiation in one source file.
+
+    Attributes:
+        source: file in ``cuda/``.
+        template: the ``__global__`` function template.
+        args: template arguments, as C++ text.
+        threads: threads per block it is compiled for (``__launch_bounds__``).
+        label: a short name for ``plan.sku``.
+        pdl: launched with programmatic dependent launch on sm_90+ (it waits for the
+            previous kernel itself, with ``griddepcontrol.wait``, after loads that do
+            not depend on it).
+    """
+
+    source: str
+    template: str
+    args: tuple[str, ...]
+    threads: int
+    label: str
+    pdl: bool = False
+
+    @property
+    def name_expression(self) -> str:
+        """The C++ name expression NVRTC instantiates, e.g.
+        ``qlinear_act_quant<float, 256, ...>``."""
+        return f"{self.template}<{', '.join(self.args)}>"
+
+
+def _b(v: bool) -> str:
+    return "true" if v else "false"
+
+
+def _act_cache(dtype: DType, warp_rows: bool) -> int:
+    # 16-byte vectors each thread keeps in registers between the two passes. f64 rows
+    # per warp keep one: more makes ptxas spill around the IEEE division's slow path.
+    return 1 if (dtype == f64 and warp_rows) else 8
+
+
+def act_spec(dtype: DType, warp_rows: bool, vec: bool) -> KernelSpec:
+    """The activation-pass kernel: one warp (``warp_rows``) or one block per row, 16-byte
+    vectors (``vec``) or elements."""
+    rows = "warp" if warp_rows else f"block{ACT_THREADS}"
+    label = f"rowquant_{rows}_{'vec16' if vec else 'scalar'}"
+    return KernelSpec("act_quant.cu", "qlinear_act_quant",
+                      (_CTYPES[dtype.name], str(ACT_THREADS), _b(warp_rows), _b(vec),
+                       str(_act_cache(dtype, warp_rows))),
+                      ACT_THREADS, label)
+
+
+def gemm_mma_spec(dtype: DType, tile: str, aligned: bool) -> KernelSpec:
+    """The tensor-core GEMM with a ``tile`` of :data:`MMA_TILES`."""
+    bm, bn, wm, wn, stages = MMA_TILES[tile]
+    return KernelSpec("gemm_mma.cu", "qlinear_gemm_mma",
+                      (_CTYPES[dtype.name], str(bm), str(bn), str(wm), str(wn), str(stages),
+                       _b(aligned)),
+                      wm * wn * 32,
+                      f"gemm_mma_{tile}x64_s{stages}{'' if aligned else '_bytes'}")
+
+
+def gemv_unroll(ngroups: int) -> int:
+    """``U`` of ``gemv_mma.cu`` for ``ngroups`` column groups: the 64-byte chunks of K
+    each warp loads per step."""
+    return 4 if ngroups <= 2 else 2
+
+
+def gemv_spec(dtype: DType, ngroups: int, aligned: bool) -> KernelSpec:
+    """The decode kernel with ``ngroups`` x 8 columns per block."""
+    return KernelSpec("gemv_mma.cu", "qlinear_gemv_mma",
+                      (_CTYPES[dtype.name], str(GEMV_WARPS), str(ngroups),
+                       str(gemv_unroll(ngroups)), _b(aligned)),
+                      GEMV_WARPS * 32,
+                      f"decode_gemv_mma_n{8 * ngroups}_splitk{GEMV_WARPS}"
+                      f"{'' if aligned else '_bytes'}", pdl=True)
+
+
+def dp4a_spec(dtype: DType, tile: str, aligned: bool) -> KernelSpec:
+    """The ``__dp4a`` GEMM with a ``tile`` of :data:`DP4A_TILES`."""
+    bm, bn, tm, tn = DP4A_TILES[tile]
+    decode = "decode_" if bm <= DECODE_MAX_M else ""
+    return KernelSpec("gemm_dp4a.cu", "qlinear_gemm_dp4a",
+                      (_CTYPES[dtype.name], str(bm), str(bn), str(tm), str(tn), _b(aligned)),
+                      (bm // tm) * (bn // tn),
+                      f"{decode}gemm_dp4a_{tile}{'' if aligned else '_bytes'}")
+
+
+def arch_number(arch: str) -> int:
+    """``"sm_90a"`` -> 90."""
+    m = re.fullmatch(r"sm_(\d+)[af]?", arch)
+    if not m:
+        raise InvalidProblem(f"arch: expected a name like 'sm_80' or 'sm_90a', got {arch!r}")
+    return int(m.group(1))
+
+
+def kernel_variants(arch: str) -> list[KernelSpec]:
+    """Every kernel a plan can choose on ``arch``: every dtype, path, tile and alignment."""
+    tensor_cores = arch_number(arch) >= 80
+    specs = []
+    for dt in FLOAT_DTYPES:
+        for warp_rows in (True, False):
+            for vec in (True, False):
+                specs.append(act_spec(dt, warp_rows, vec))
+        for aligned in (True, False):
+            if tensor_cores:
+                specs += [gemm_mma_spec(dt, tile, aligned) for tile in MMA_TILES]
+                specs += [gemv_spec(dt, ng, aligned) for ng in GEMV_NGROUPS]
+            else:
+                specs += [dp4a_spec(dt, tile, aligned) for tile in DP4A_TILES]
+    return specs
