@@ -156,8 +156,8 @@ def main(argv=None):
         rows.append(row)
         flag = "" if ok else "  WRONG OUTPUT"
         gops = ops / t_gpu / 1e9
-        row["wgpu_pct_dot4_peak"] = 100 * gops / dot4_gops
-        print(f"{k:>6} {n:>6} {m:>5} | {t_gpu * 1e3:>9.3f} {gops:>8.2f} {100 * gops / dot4_gops:>6.1f} "
+        pct = row["wgpu_pct_dot4_peak"] = 100 * gops / dot4_gops
+        print(f"{k:>6} {n:>6} {m:>5} | {t_gpu * 1e3:>9.3f} {gops:>8.2f} {pct:>6.1f} "
               f"{t_mm * 1e3:>9.3f} {t_mm / t_gpu:>6.2f} | {t_cpu * 1e3:>9.3f} "
               f"{ops / t_cpu / 1e9:>8.2f} {t_np * 1e3:>9.3f} | {t_cpu / t_gpu:>8.2f}  "
               f"{plan.sku}{flag}", flush=True)

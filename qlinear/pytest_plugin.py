@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from .backends import backend as _get_backend
 from .backends import Backend, backend_names
+from .backends import backend as _get_backend
 from .errors import BackendUnavailable
 
 __all__ = ["pytest_addoption", "pytest_configure", "pytest_generate_tests", "qlinear_backend"]

@@ -9,13 +9,8 @@
 // A and one of B and issues 16 dot4I8Packed, the 8 x 8 loop two and two for 64.
 // int32 accumulation is exact: the plan bounds K so that no sum can overflow.
 //
-// WGX = BN / tile width, WGY = BM / tile height.
-
-override BM: u32 = 64u;
-override BN: u32 = 64u;
-override BK: u32 = 8u;
-override WGX: u32 = 16u;
-override WGY: u32 = 16u;
+// The blocking and the tile loads are gemm_tiles.wgsl's; WGX = BN / tile width,
+// WGY = BM / tile height.
 
 var<workgroup> As: array<vec4<u32>, BK * BM / 4u>;
 var<workgroup> Bs: array<vec4<u32>, BK * BN / 4u>;
@@ -25,26 +20,13 @@ fn dot4x4(a: u32, b: vec4<u32>) -> vec4<i32> {
                      dot4I8Packed(a, b.w));
 }
 
-// Stage words k0..k0+BK of rows row0.. of act_q and columns col0.. of weight_q.
-fn load_tiles(tid: u32, row0: u32, col0: u32, k0: u32) {
-    for (var e = tid; e < BM * BK; e = e + WGX * WGY) {
-        let r = e / BK;
-        let kk = e % BK;
-        var v = 0u;
-        if (row0 + r < p.m && k0 + kk < p.kw) {
-            v = act[p.a_base + (row0 + r) * p.kw + k0 + kk];
-        }
-        As[kk * (BM / 4u) + r / 4u][r % 4u] = v;
-    }
-    for (var e = tid; e < BN * BK; e = e + WGX * WGY) {
-        let c = e / BK;
-        let kk = e % BK;
-        var v = 0u;
-        if (col0 + c < p.n && k0 + kk < p.kw) {
-            v = wt[p.b_base + (col0 + c) * p.kw + k0 + kk];
-        }
-        Bs[kk * (BN / 4u) + c / 4u][c % 4u] = v;
-    }
+// Words stay packed, k-major: vec4 kk * (BM / 4) + r / 4 holds word kk of rows 4(r/4)..+3.
+fn stage_a(r: u32, kk: u32, v: u32) {
+    As[kk * (BM / 4u) + r / 4u][r % 4u] = v;
+}
+
+fn stage_b(c: u32, kk: u32, v: u32) {
+    Bs[kk * (BN / 4u) + c / 4u][c % 4u] = v;
 }
 
 @compute @workgroup_size(WGX, WGY)

@@ -1,22 +1,27 @@
 // qlinear: tiled int8 GEMM with float multiply-adds, for adapters on which
 // dot4I8Packed is emulated (naga lowers it to scalar code for Metal and GLSL).
 //
-// Same blocking as gemm_dot4.wgsl, but each packed word is unpacked once, when it
+// Same blocking and tile loads as gemm_dot4.wgsl's 4 x 4 tile (gemm_tiles.wgsl; here
+// WGX = BN / 4, WGY = BM / 4), but each packed word is unpacked once, when it
 // is staged into workgroup memory, to a vec4<f32>, and the register tile accumulates
 // f32 dot products. Exactness: every product is an integer of magnitude <= 2^14, and
 // the f32 accumulators are moved into int32 every 256 words (1024 products), so
 // every partial sum is an integer of magnitude <= 2^24, held exactly by f32 in any
 // summation order, FMA or not.
 
-override BM: u32 = 64u;
-override BN: u32 = 64u;
-override BK: u32 = 8u;
-override WGX: u32 = 16u;  // BN / 4
-override WGY: u32 = 16u;  // BM / 4
 const CHUNK_WORDS: u32 = 256u;
 
 var<workgroup> As: array<vec4<f32>, BK * BM>;
 var<workgroup> Bs: array<vec4<f32>, BK * BN>;
+
+// Words are unpacked as they are staged, so the inner loop does no unpacking.
+fn stage_a(r: u32, kk: u32, v: u32) {
+    As[kk * BM + r] = vec4<f32>(unpack4xI8(v));
+}
+
+fn stage_b(c: u32, kk: u32, v: u32) {
+    Bs[kk * BN + c] = vec4<f32>(unpack4xI8(v));
+}
 
 @compute @workgroup_size(WGX, WGY)
 fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
@@ -34,26 +39,9 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
     var f1 = vec4<f32>(0.0);
     var f2 = vec4<f32>(0.0);
     var f3 = vec4<f32>(0.0);
-    var done = 0u;  // words accumulated in accf
+    var done = 0u;  // words summed in f0..f3 since they were last moved into int32
     for (var k0 = 0u; k0 < p.kw; k0 = k0 + BK) {
-        for (var e = tid; e < BM * BK; e = e + WGX * WGY) {
-            let r = e / BK;
-            let kk = e % BK;
-            var v = 0u;
-            if (row0 + r < p.m && k0 + kk < p.kw) {
-                v = act[p.a_base + (row0 + r) * p.kw + k0 + kk];
-            }
-            As[kk * BM + r] = vec4<f32>(unpack4xI8(v));
-        }
-        for (var e = tid; e < BN * BK; e = e + WGX * WGY) {
-            let c = e / BK;
-            let kk = e % BK;
-            var v = 0u;
-            if (col0 + c < p.n && k0 + kk < p.kw) {
-                v = wt[p.b_base + (col0 + c) * p.kw + k0 + kk];
-            }
-            Bs[kk * BN + c] = vec4<f32>(unpack4xI8(v));
-        }
+        load_tiles(tid, row0, col0, k0);
         workgroupBarrier();
         for (var kk = 0u; kk < BK; kk = kk + 1u) {
             let b0 = Bs[kk * BN + tx * 4u];

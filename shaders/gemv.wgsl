@@ -1,9 +1,10 @@
 // qlinear: the small-M (decode, M <= 16) GEMM. Decode is bound by the weight read,
 // so each weight word is read once: a workgroup owns CG columns, KL invocations
 // share the K range of each column, and every weight word loaded is used for all M
-// rows while the M activation rows (a few KiB) stay in cache. Per-invocation sums
-// are combined with integer atomics in workgroup memory (exact, order-free), then
-// the epilogue stores pairs of columns.
+// rows while the M activation rows (a few KiB) stay in cache. The KL per-invocation
+// int32 sums of a column are parked in workgroup memory and added up by one
+// invocation per row (integer adds: exact in any order), then the epilogue stores
+// pairs of columns.
 //
 // The M rows are accumulated in four vec4 registers, written out row by row under
 // constant MROWS guards rather than as an indexed array, so that no compiler has a

@@ -1,9 +1,12 @@
 """Test configuration: load the qlinear plugin when the package is not installed
-(running from the tree with PYTHONPATH=.), and hypothesis profiles."""
+(running from the tree with PYTHONPATH=.), hypothesis profiles, and the fixtures of the
+wgpu tests."""
 
 import importlib.metadata
 import os
 
+import numpy as np
+import pytest
 from hypothesis import HealthCheck, settings
 
 if not any(ep.value == "qlinear.pytest_plugin"
@@ -23,3 +26,21 @@ settings.register_profile(
 settings.load_profile(os.environ.get("QLINEAR_HYPOTHESIS_PROFILE", "ci"))
 
 pytest_plugins = list(globals().get("pytest_plugins", [])) + ["pytester"]
+
+
+@pytest.fixture(scope="session")
+def wgpu_be():
+    """The wgpu backend, on whatever adapter wgpu finds (lavapipe on a machine without a
+    GPU); the test is skipped with the reason when there is none."""
+    import qlinear as ql
+
+    try:
+        return ql.backend("wgpu")
+    except ql.BackendUnavailable as e:
+        pytest.skip(f"wgpu unavailable: {e.reason}")
+
+
+@pytest.fixture
+def rng():
+    """A fresh, unseeded generator: every run draws new data."""
+    return np.random.default_rng()

@@ -1,0 +1,96 @@
+"""One opened wgpu device as the kernel machinery uses it: the device and its queue,
+wgpu's errors turned into :class:`DeviceError`, buffers, the batches still open on it,
+and its shader cache."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from ...errors import DeviceError, InvalidProblem, Unsupported
+from .shaders import ShaderCache
+
+if TYPE_CHECKING:
+    from .streams import Batch
+
+__all__ = ["WgpuDevice", "round_up"]
+
+
+def round_up(x: int, a: int) -> int:
+    """``x`` rounded up to a multiple of ``a``."""
+    return (x + a - 1) // a * a
+
+
+class WgpuDevice:
+    """A ``wgpu.GPUDevice`` with what every user of it shares.
+
+    Attributes:
+        wgpu: the wgpu module (its enums and classes).
+        device: the ``wgpu.GPUDevice``.
+        align: the storage-buffer offset alignment, in bytes.
+        dummy: a 16-byte buffer bound where a kernel's optional tensor is absent.
+        open_batches: the batches inside their ``with`` block, submitted before a read.
+        shaders: the device's shader modules, layouts and pipelines.
+    """
+
+    def __init__(self, wgpu_module: Any, device: Any, limits: Mapping[str, Any]):
+        self.wgpu = wgpu_module
+        self.device = device
+        self.align = max(4, int(limits["min-storage-buffer-offset-alignment"]))
+        self.dummy = device.create_buffer(size=16, usage=self.storage_usage,
+                                          label="qlinear dummy")
+        self.open_batches: list[Batch] = []
+        self.shaders = ShaderCache(self)
+
+    @contextlib.contextmanager
+    def guard(self, what: str) -> Iterator[None]:
+        """wgpu's own errors (validation, out of memory, internal, device lost) as DeviceError."""
+        try:
+            yield
+        except (InvalidProblem, Unsupported, DeviceError):
+            raise
+        except (self.wgpu.GPUError, RuntimeError) as e:
+            raise DeviceError(f"wgpu: {what} failed ({type(e).__name__})", native=str(e)) from e
+
+    @property
+    def storage_usage(self) -> int:
+        """The usage of the buffers qlinear allocates: bindable, readable, writable."""
+        u = self.wgpu.BufferUsage
+        return int(u.STORAGE | u.COPY_SRC | u.COPY_DST)
+
+    def buffer(self, nbytes: int, label: str) -> Any:
+        """A new zero-filled storage buffer of at least ``nbytes`` bytes."""
+        # Sizes rounded to 16 so that every 4-byte-rounded binding or read stays inside.
+        with self.guard(f"allocating {nbytes} bytes"):
+            return self.device.create_buffer(size=max(16, round_up(nbytes, 16)),
+                                             usage=self.storage_usage, label=label)
+
+    def flush_batches(self) -> None:
+        """Submit what the open batches have encoded, so that later reads see it."""
+        for b in list(self.open_batches):
+            b.submit()
+
+    def wait(self) -> None:
+        """Wait until all submitted work has finished."""
+        # queue.on_submitted_work_done_sync does not return in wgpu 0.32; reading back
+        # four bytes maps a buffer after everything submitted before it.
+        with self.guard("waiting for the queue"):
+            self.device.queue.read_buffer(self.dummy, 0, 4)
+
+    def write_timestamp(self, encoder: Any, query_set: Any, index: int) -> None:
+        """Record a GPU timestamp into ``query_set[index]`` at this point of ``encoder``."""
+        from wgpu.backends.wgpu_native.extras import write_timestamp
+
+        write_timestamp(encoder, query_set, index)
+
+    @property
+    def timestamp_period_ns(self) -> float:
+        """Nanoseconds per timestamp tick (1.0 where wgpu does not say)."""
+        try:
+            from wgpu.backends.wgpu_native._ffi import lib
+
+            period = float(lib.wgpuQueueGetTimestampPeriod(self.device.queue._internal))
+            return period if period > 0 else 1.0
+        except Exception:  # a private entry point: absent in other wgpu versions
+            return 1.0

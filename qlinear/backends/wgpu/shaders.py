@@ -1,0 +1,107 @@
+"""WGSL composition and the per-device caches of shader modules, bind group layouts and
+pipelines.
+
+Kernels are specialised with WGSL ``override`` constants, so the only source-level step
+is composition: a kernel family's file (``shaders/<family>.wgsl``) is preceded by the
+element-access prelude (``elem_words.wgsl``, or ``elem_f16.wgsl`` where TIn is held as
+WGSL f16), ``common.wgsl``, and for the GEMM families the bindings and epilogue
+(``linear_io.wgsl``) and, for the tiled ones, the shared tile loads (``gemm_tiles.wgsl``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ...errors import InvalidProblem
+from ...resources import read_source
+from .layouts import LAYOUTS, PARAMS_BINDING, Layout
+
+if TYPE_CHECKING:
+    from .device import WgpuDevice
+
+__all__ = ["shader_source", "ShaderCache", "FAMILY_LAYOUT"]
+
+#: The bind group layout of each kernel family.
+FAMILY_LAYOUT = {"rowquant": "quant", "gemm_dot4": "linear", "gemm_f32": "linear",
+                 "gemv": "linear", "matmul_f32": "matmul", "micro": "micro"}
+# The files composed after the prelude and common.wgsl, before the family's own.
+_FAMILY_PARTS = {"rowquant": (), "gemv": ("linear_io.wgsl",),
+                 "gemm_dot4": ("linear_io.wgsl", "gemm_tiles.wgsl"),
+                 "gemm_f32": ("linear_io.wgsl", "gemm_tiles.wgsl")}
+# Families that stand alone: no TIn, no shared numerics.
+_STANDALONE = ("matmul_f32", "micro")
+
+
+def shader_source(family: str, elem: str = "words") -> str:
+    """The WGSL text of kernel ``family`` (a file of ``shaders/``) as compiled: the
+    element-access prelude (``elem`` = "words" or "f16"), ``common.wgsl``, the GEMM
+    bindings and shared tile loads for GEMM families, then the family itself."""
+    if family in _STANDALONE:
+        return read_source("shaders", f"{family}.wgsl")
+    if elem not in ("words", "f16"):
+        raise InvalidProblem(f"elem: expected 'words' or 'f16', got {elem!r}")
+    parts = [f"elem_{elem}.wgsl", "common.wgsl", *_FAMILY_PARTS.get(family, ()),
+             f"{family}.wgsl"]
+    return "\n".join(read_source("shaders", p) for p in parts)
+
+
+class ShaderCache:
+    """The shader modules (by source text), bind group layouts (by layout name) and
+    compute pipelines (by family, prelude, entry point and override constants) of one
+    device: a plan selected twice, or for another shape, reuses them."""
+
+    def __init__(self, gpu: WgpuDevice):
+        self.gpu = gpu
+        self.modules: dict[str, Any] = {}
+        self.layouts: dict[str, tuple[Any, Any]] = {}
+        self.pipelines: dict[tuple, Any] = {}
+
+    def compile(self, source: str, label: str = "qlinear") -> Any:
+        """The shader module of WGSL ``source``. A compile error raises
+        :class:`DeviceError` carrying the compiler's log."""
+        mod = self.modules.get(source)
+        if mod is None:
+            with self.gpu.guard(f"compiling WGSL module {label!r}"):
+                mod = self.gpu.device.create_shader_module(label=label, code=source)
+            self.modules[source] = mod
+        return mod
+
+    def layout(self, layout: Layout) -> tuple[Any, Any]:
+        """(bind group layout, pipeline layout) of ``layout``."""
+        lay = self.layouts.get(layout.name)
+        if lay is None:
+            gpu = self.gpu
+            stage = gpu.wgpu.ShaderStage.COMPUTE
+            entries = [{"binding": b, "visibility": stage, "buffer": {"type": "storage"}}
+                       for b in sorted(layout.storage.values())]
+            if layout.params is not None:
+                entries.append({"binding": PARAMS_BINDING, "visibility": stage,
+                                "buffer": {"type": "uniform"}})
+            with gpu.guard("creating a pipeline layout"):
+                bgl = gpu.device.create_bind_group_layout(entries=entries)
+                pl = gpu.device.create_pipeline_layout(bind_group_layouts=[bgl])
+            lay = self.layouts[layout.name] = (bgl, pl)
+        return lay
+
+    def pipeline(self, family: str, elem: str, constants: Mapping[str, int],
+                 entry: str = "main") -> Any:
+        """The compute pipeline of ``family``'s ``entry`` with TIn prelude ``elem`` and
+        these override ``constants``."""
+        key = (family, elem, entry, tuple(sorted(constants.items())))
+        pipe = self.pipelines.get(key)
+        if pipe is None:
+            module = self.compile(shader_source(family, elem), label=family)
+            _, layout = self.layout(LAYOUTS[FAMILY_LAYOUT[family]])
+            with self.gpu.guard(f"creating the {family} pipeline"):
+                pipe = self.gpu.device.create_compute_pipeline(
+                    layout=layout, label=family,
+                    compute={"module": module, "entry_point": entry,
+                             "constants": {k: float(v) for k, v in constants.items()}})
+            self.pipelines[key] = pipe
+        return pipe
+
+    def info(self) -> dict[str, int]:
+        """How many shader modules, pipelines and layouts are cached."""
+        return {"modules": len(self.modules), "pipelines": len(self.pipelines),
+                "layouts": len(self.layouts)}

@@ -1,0 +1,89 @@
+"""How tensors sit in ``wgpu.GPUBuffer`` s: row-major, except that s8 matrices have rows
+padded to a multiple of 4 bytes, so that the kernels see whole u32 words (the pad bytes
+of ``act_q`` are written as zeros)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ...dtypes import DType, s8
+from ...errors import InvalidProblem
+from ...tensors import Tensor, contiguous_strides
+from .device import round_up
+
+__all__ = ["tensor_layout", "buffer_strides", "check_shape", "upload_bytes", "read_span",
+           "host_view", "usage_names"]
+
+
+def tensor_layout(shape: tuple[int, ...], dtype: DType) -> tuple[tuple[int, ...], int]:
+    """(strides in elements, bytes) of a tensor of ``shape``."""
+    if dtype == s8 and len(shape) >= 2:
+        row = round_up(shape[-1], 4)
+        strides = [1]
+        step = row
+        for n in reversed(shape[1:-1]):
+            strides.append(step)
+            step *= max(n, 1)
+        strides.append(step)
+        nbytes = math.prod(shape[:-1]) * row if all(shape) else 0
+        return tuple(reversed(strides)), nbytes
+    return contiguous_strides(tuple(shape)), math.prod(shape) * dtype.itemsize
+
+
+def check_shape(shape: Any, name: str = "shape") -> tuple[int, ...]:
+    """``shape`` as a tuple of ints; :class:`InvalidProblem` unless non-negative integers."""
+    try:
+        out = tuple(int(n) for n in shape)
+        ok = all(int(n) == n and n >= 0 for n in shape)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise InvalidProblem(f"{name}: expected a tuple of non-negative integers, got {shape!r}")
+    return out
+
+
+def upload_bytes(arr: np.ndarray, dtype: DType, nbytes: int) -> np.ndarray:
+    """The bytes of ``arr`` in the buffer layout (s8 rows padded with zeros), padded to a
+    whole number of 4-byte words as queue writes need."""
+    shape = arr.shape
+    if dtype == s8 and arr.ndim >= 2 and shape[-1] % 4:
+        padded = np.zeros(shape[:-1] + (round_up(shape[-1], 4),), np.int8)
+        padded[..., :shape[-1]] = arr
+        data = padded.reshape(-1).view(np.uint8)
+    else:
+        data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+    if nbytes % 4:
+        data = np.concatenate([data, np.zeros(4 - nbytes % 4, np.uint8)])
+    return data
+
+
+def read_span(t: Tensor) -> tuple[int, int]:
+    """The 4-byte-aligned byte range of ``t.handle`` that holds ``t``."""
+    start, end = t.byte_span()
+    return start - start % 4, round_up(end, 4)
+
+
+def host_view(data: Any, t: Tensor, a0: int) -> np.ndarray:
+    """A host copy of ``t`` from ``data``, the bytes of its buffer from ``a0`` on."""
+    start, end = t.byte_span()
+    raw = np.frombuffer(data, np.uint8)[start - a0:end - a0].view(t.dtype.numpy)
+    item = t.dtype.itemsize
+    view = np.lib.stride_tricks.as_strided(raw, t.shape, tuple(int(s) * item for s in t.strides))
+    return np.array(view, copy=True)
+
+
+def usage_names(wgpu_module: Any, usage: int) -> str:
+    """Buffer usage flags in words, e.g. ``"COPY_DST|MAP_READ"``."""
+    names = [n for n in ("MAP_READ", "MAP_WRITE", "COPY_SRC", "COPY_DST", "INDEX", "VERTEX",
+                         "UNIFORM", "STORAGE", "INDIRECT", "QUERY_RESOLVE")
+             if usage & getattr(wgpu_module.BufferUsage, n)]
+    return "|".join(names) or "none"
+
+
+def buffer_strides(shape: Sequence[int], dtype: DType) -> tuple[int, ...]:
+    """The strides a tensor of ``shape`` must have on wgpu."""
+    return tensor_layout(tuple(shape), dtype)[0]
