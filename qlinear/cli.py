@@ -22,10 +22,9 @@ from . import __version__
 from .backends import backend as get_backend
 from .backends import backend_status
 from .bench import BenchCase, bench, default_cases, format_table, run_meta
-from .dtypes import FLOAT_DTYPES, as_dtype
+from .dtypes import as_dtype
 from .errors import QlinearError
-from .plans import QuantizedLinearPlan
-from .problem import QuantizedLinearDescriptor
+from .plans import typical_plans
 
 __all__ = ["main", "info", "bench", "BenchCase", "default_cases"]
 
@@ -43,16 +42,7 @@ def info() -> dict[str, Any]:
                 entry["info"] = be.info()
             except QlinearError as e:
                 entry["info"] = {"error": str(e)}
-            kernels = {}
-            for m in (1, 16, 512):
-                for dt in FLOAT_DTYPES[:2]:
-                    desc = QuantizedLinearDescriptor(m=m, c_out=4096, k=4096, dtype=dt)
-                    label = f"M={m} K=N=4096 {dt.name}"
-                    try:
-                        kernels[label] = QuantizedLinearPlan.select(be, desc).sku
-                    except QlinearError as e:
-                        kernels[label] = f"unsupported: {e}"
-            entry["plans"] = kernels
+            entry["plans"] = typical_plans(be)
         else:
             entry["reason"] = st.reason
             entry["install"] = st.install

@@ -7,19 +7,20 @@ whether it can implement a set of arguments (and why not), its workspace size
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar, Union
 
 from . import validate
 from .backends import Backend, Executable, PrecisionGuarantee
 from .backends import backend as get_backend
-from .errors import InvalidProblem
+from .dtypes import FLOAT_DTYPES, DType
+from .errors import InvalidProblem, QlinearError
 from .problem import DynamicRangeQuantizeDescriptor, QuantizedLinearDescriptor
 
 BackendLike = Union[Backend, str, None]  # noqa: UP007 (a runtime alias on 3.10)
 _PlanT = TypeVar("_PlanT", bound="_Plan")
 
-__all__ = ["QuantizedLinearPlan", "DynamicRangeQuantizePlan"]
+__all__ = ["QuantizedLinearPlan", "DynamicRangeQuantizePlan", "typical_plans"]
 
 
 class _Plan:
@@ -124,3 +125,22 @@ class DynamicRangeQuantizePlan(_Plan):
 
     def _is_empty(self) -> bool:
         return self.descriptor.m == 0
+
+
+def typical_plans(backend: BackendLike = None, k: int = 4096, n: int = 4096,
+                  ms: Sequence[int] = (1, 16, 512),
+                  dtypes: Sequence[DType] = FLOAT_DTYPES) -> dict[str, str]:
+    """What a backend runs for typical LLM shapes: ``{"M=1 K=N=4096 f16": sku}``, one entry
+    per M and dtype, with ``"unsupported: <why>"`` where it cannot. Selecting compiles, so
+    this is for ``qlinear info`` and tests, not a hot path."""
+    be = get_backend(backend)
+    table: dict[str, str] = {}
+    for m in ms:
+        for dt in dtypes:
+            label = f"M={m} K={k} N={n} {dt.name}" if k != n else f"M={m} K=N={k} {dt.name}"
+            try:
+                desc = QuantizedLinearDescriptor(m=m, c_out=n, k=k, dtype=dt)
+                table[label] = QuantizedLinearPlan.select(be, desc).sku
+            except QlinearError as e:
+                table[label] = f"unsupported: {e}"
+    return table

@@ -12,11 +12,15 @@ from ..errors import BackendUnavailable, InvalidProblem
 from .base import Backend, Executable, PrecisionGuarantee
 
 __all__ = ["Backend", "Executable", "PrecisionGuarantee", "backend", "backend_names",
-           "register_backend", "BackendStatus", "backend_status"]
+           "register_backend", "BackendStatus", "backend_status", "install_hint"]
 
-# name -> (module, what to install). Order is preference order for ql.backend().
+# name -> (module, what to install), said once here: a backend raises BackendUnavailable
+# with a hint of its own only for a more specific remedy (a driver, NVRTC), and the
+# registry adds this one otherwise. Order is preference order for ql.backend().
 _REGISTRY: dict[str, tuple[str, str]] = {
-    "cuda": ("qlinear.backends.cuda", "pip install 'qlinear[cuda]' and an NVIDIA driver"),
+    "cuda": ("qlinear.backends.cuda",
+             "pip install 'qlinear[cuda]' (cuda-core, cuda-bindings, nvidia-cuda-nvrtc) "
+             "and an NVIDIA driver"),
     "wgpu": ("qlinear.backends.wgpu",
              "pip install wgpu; on Linux without a GPU: "
              "apt-get install mesa-vulkan-drivers libvulkan1"),
@@ -31,6 +35,11 @@ def register_backend(name: str, module: str, install: str = "") -> None:
     _REGISTRY[name] = (module, install)
     _instances.pop(name, None)
     _failures.pop(name, None)
+
+
+def install_hint(name: str) -> str:
+    """What to install for backend ``name`` to work ("" when nothing is needed)."""
+    return _REGISTRY[name][1] if name in _REGISTRY else ""
 
 
 def backend_names() -> list[str]:

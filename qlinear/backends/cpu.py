@@ -274,9 +274,8 @@ class CpuBackend(Backend):
         except Exception:
             pass
         return {"device": self.device_name, "blas": blas,
-                "kernels": {"linear": "rowquant + float32 BLAS over K-chunks of "
-                            "<= 2**24 // (max|q| * 128) "
-                            "columns (1032 for -127..127) + dequant"}}
+                "method": "rowquant + float32 BLAS over K-chunks of <= 2**24 // (max|q| * 128) "
+                          "columns (1032 for -127..127) + dequant"}
 
 
 def create() -> CpuBackend:

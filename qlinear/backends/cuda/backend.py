@@ -10,17 +10,16 @@ from typing import Any
 
 import numpy as np
 
-from ...dtypes import DType, DTypeLike, as_dtype, f16
+from ...dtypes import DType, DTypeLike, as_dtype
 from ...errors import BackendUnavailable, DeviceError, InvalidProblem, Unsupported
 from ...kernel_cache import KernelCache
 from ...problem import DynamicRangeQuantizeDescriptor, QuantizedLinearDescriptor
 from ...tensors import Tensor, contiguous_strides, host_view
 from ..base import Backend
-from .compile import INSTALL_HINT, CompileOptions, compile_module, device_arch, nvrtc_version
+from .compile import CompileOptions, compile_module, device_arch, nvrtc_version
 from .driver import cu_check, driver_version, find_driver, pointer_device
 from .executables import CudaLinearExecutable, CudaQuantizeExecutable
 from .interop import Streams, cai_view, dlpack_view
-from .select import select_linear
 from .specs import KernelSpec, arch_number
 
 __all__ = ["CudaBackend", "create"]
@@ -254,11 +253,10 @@ class CudaBackend(Backend):
 
     # -- facts -------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
-        """Device, compiler, cache and the kernels chosen for typical shapes."""
+        """Device, driver, compiler and cache (the kernels chosen for typical shapes are in
+        :func:`qlinear.plans.typical_plans`)."""
         from ...kernel_cache import cache_dir
 
-        decode = select_linear(1, 4096, 4096, f16, self.arch, self.sm_count).sku
-        prefill = select_linear(4096, 4096, 4096, f16, self.arch, self.sm_count).sku
         return {
             "device": self.device_name,
             "arch": self.arch,
@@ -267,7 +265,6 @@ class CudaBackend(Backend):
             "sms": self.sm_count,
             "shared_memory_per_block": int(self._device.properties.max_shared_memory_per_block),
             "cache": str(cache_dir() or "off (memory only)"),
-            "kernels": {"decode (M<=16)": decode, "prefill": prefill},
         }
 
 
@@ -281,8 +278,7 @@ def create() -> CudaBackend:
         import cuda.bindings  # noqa: F401
         import cuda.core  # noqa: F401
     except ImportError as e:
-        raise BackendUnavailable("cuda", f"cuda-python is not installed ({e})",
-                                 INSTALL_HINT) from None
+        raise BackendUnavailable("cuda", f"cuda-python is not installed ({e})") from None
     if find_driver() is None:
         raise BackendUnavailable("cuda", "no NVIDIA driver (libcuda) found",
                                  "install the NVIDIA driver (it provides libcuda)")

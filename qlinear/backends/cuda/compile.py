@@ -17,12 +17,12 @@ from typing import Any
 
 from ...errors import BackendUnavailable, DeviceError, Unsupported
 from ...kernel_cache import CacheEntry, KernelCache, default_cache
+from .. import install_hint
 from .sources import expand_source
 from .specs import SUPPORTED_ARCHS, KernelSpec, kernel_variants
 
 __all__ = [
     "CompileOptions",
-    "INSTALL_HINT",
     "arch_for",
     "compile_all_variants",
     "compile_module",
@@ -30,10 +30,6 @@ __all__ = [
     "nvrtc_version",
     "ptxas_report",
 ]
-
-#: What to install for the cuda backend, for :class:`BackendUnavailable`.
-INSTALL_HINT = ("pip install 'qlinear[cuda]' (cuda-core, cuda-bindings, nvidia-cuda-nvrtc) "
-                "and an NVIDIA driver")
 
 
 @dataclass(frozen=True)
@@ -74,7 +70,7 @@ def nvrtc_version() -> tuple[int, int]:
         from cuda.bindings import nvrtc
     except ImportError as e:
         raise BackendUnavailable("cuda", f"cannot import cuda.bindings ({e})",
-                                 INSTALL_HINT) from None
+                                 install_hint("cuda")) from None
     try:
         err, major, minor = nvrtc.nvrtcVersion()
     except Exception as e:  # the library itself is missing

@@ -9,12 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from ...dtypes import DTypeLike, as_dtype, bf16, f16, f32
-from ...errors import BackendUnavailable, InvalidProblem, Unsupported
+from ...dtypes import DTypeLike, as_dtype
+from ...errors import BackendUnavailable, InvalidProblem
 from ...problem import DynamicRangeQuantizeDescriptor, QuantizedLinearDescriptor
-from ...tensors import Tensor
+from ...tensors import Tensor, host_view
+from .. import install_hint
 from ..base import Backend
-from .choose import AdapterFacts, choose_linear, choose_quant, f16_native, inner_product, linear_sku
+from .choose import AdapterFacts, f16_native, inner_product
 from .device import WgpuDevice, round_up
 from .executables import LinearExecutable, QuantizeExecutable
 from .options import WgpuOptions
@@ -23,7 +24,6 @@ from .streams import Batch
 from .tensors import (
     buffer_strides,
     check_shape,
-    host_view,
     read_span,
     tensor_layout,
     upload_bytes,
@@ -31,10 +31,6 @@ from .tensors import (
 )
 
 __all__ = ["WgpuBackend", "create"]
-
-_INSTALL = ("pip install wgpu; on Linux without a GPU: apt-get install mesa-vulkan-drivers "
-            "libvulkan1")
-
 
 class WgpuBackend(Backend):
     """WGSL kernels on a wgpu adapter. Tensors are ``wgpu.GPUBuffer`` ranges.
@@ -72,18 +68,8 @@ class WgpuBackend(Backend):
                 f"({self.backend_type}, {self.adapter_type})")
 
     def info(self) -> dict[str, Any]:
-        """Adapter, type, limits, features and the kernels chosen for typical shapes."""
-        kernels = {}
-        for label, m in (("decode M=1", 1), ("decode M=16", 16), ("prefill M=512", 512)):
-            for dt in (f32, f16, bf16):
-                desc = QuantizedLinearDescriptor(m, 4096, 4096, dt)
-                try:
-                    c = choose_linear(desc, self.facts, self.options)
-                    q = choose_quant(desc.activation_pass, self.facts, self.options)
-                    kernels[f"{label}, K=N=4096, {dt.name}"] = linear_sku(q, c)
-                except Unsupported as e:
-                    kernels[f"{label}, K=N=4096, {dt.name}"] = f"unsupported: {e}"
-        kernels["f64"] = "unsupported: WGSL has no 64-bit floats"
+        """Adapter, type, limits, features, and how the choosers are set (the kernels they
+        pick for typical shapes are in :func:`qlinear.plans.typical_plans`)."""
         return {
             "device": self.device_name,
             "adapter": dict(self.adapter_info),
@@ -97,7 +83,6 @@ class WgpuBackend(Backend):
                                         "min-storage", "max-uniform-buffer-binding"))},
             "inner_product": inner_product(self.facts, self.options),
             "f16_storage": f16_native(self.facts, self.options) and "native" or "packed",
-            "kernels": kernels,
         }
 
     def settings(self) -> dict[str, Any]:
@@ -172,7 +157,7 @@ class WgpuBackend(Backend):
         a0, a1 = read_span(t)
         with self.gpu.guard("reading a buffer"):
             data = self.device.queue.read_buffer(buf, a0, a1 - a0)
-        return host_view(data, t, a0)
+        return host_view(np.frombuffer(data, np.uint8), t, a0)
 
     def wrap(self, obj: Any, *, name: str = "tensor") -> Tensor:
         """Return a qlinear :class:`Tensor` as is (validation then checks its backend);
@@ -259,17 +244,18 @@ def create() -> WgpuBackend:
     adapter's maximum limits and ``shader-f16`` where offered.
 
     Raises :class:`BackendUnavailable` when wgpu is missing or finds no adapter."""
+    hint = install_hint("wgpu")
     try:
         import wgpu
     except ImportError as e:
-        raise BackendUnavailable("wgpu", f"cannot import wgpu ({e})", _INSTALL) from None
+        raise BackendUnavailable("wgpu", f"cannot import wgpu ({e})", hint) from None
     try:
         adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
     except Exception as e:  # wgpu raises RuntimeError or its own errors, by version
         raise BackendUnavailable("wgpu", f"no adapter found ({str(e).splitlines()[0]})",
-                                 _INSTALL) from None
+                                 hint) from None
     if adapter is None:
-        raise BackendUnavailable("wgpu", "no adapter found", _INSTALL)
+        raise BackendUnavailable("wgpu", "no adapter found", hint)
     features = [f for f in ("shader-f16", "timestamp-query", "timestamp-query-inside-encoders")
                 if f in adapter.features]
     limits = {k: adapter.limits[k] for k in adapter.limits}
@@ -287,5 +273,5 @@ def create() -> WgpuBackend:
         except Exception as e:
             raise BackendUnavailable(
                 "wgpu", f"cannot open a device on {adapter.info.get('device')}: "
-                        f"{str(e).splitlines()[0]}", _INSTALL) from None
+                        f"{str(e).splitlines()[0]}", hint) from None
     return WgpuBackend(wgpu, adapter, device)

@@ -16,7 +16,7 @@ from ...tensors import Tensor, contiguous_strides
 from .device import round_up
 
 __all__ = ["tensor_layout", "buffer_strides", "check_shape", "upload_bytes", "read_span",
-           "host_view", "usage_names"]
+           "usage_names"]
 
 
 def tensor_layout(shape: tuple[int, ...], dtype: DType) -> tuple[tuple[int, ...], int]:
@@ -65,15 +65,6 @@ def read_span(t: Tensor) -> tuple[int, int]:
     """The 4-byte-aligned byte range of ``t.handle`` that holds ``t``."""
     start, end = t.byte_span()
     return start - start % 4, round_up(end, 4)
-
-
-def host_view(data: Any, t: Tensor, a0: int) -> np.ndarray:
-    """A host copy of ``t`` from ``data``, the bytes of its buffer from ``a0`` on."""
-    start, end = t.byte_span()
-    raw = np.frombuffer(data, np.uint8)[start - a0:end - a0].view(t.dtype.numpy)
-    item = t.dtype.itemsize
-    view = np.lib.stride_tricks.as_strided(raw, t.shape, tuple(int(s) * item for s in t.strides))
-    return np.array(view, copy=True)
 
 
 def usage_names(wgpu_module: Any, usage: int) -> str:
