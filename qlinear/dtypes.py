@@ -32,7 +32,7 @@ class DType:
     def __str__(self) -> str:
         return self.name
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
         return (as_dtype, (self.name,))
 
 

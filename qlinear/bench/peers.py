@@ -123,7 +123,7 @@ def _int8_gemm(torch: Any, dev: Any, m: int, k: int, n: int,
         return got.dtype == torch.int32 and torch.equal(got[:, cols].cpu().long(), want)
 
     if hasattr(torch, "_int_mm"):
-        def direct(q):
+        def direct(q: Any) -> Any:
             return torch._int_mm(q, wq_t)
         if exact(direct):
             return direct, "torch._int_mm"
@@ -131,7 +131,7 @@ def _int8_gemm(torch: Any, dev: Any, m: int, k: int, n: int,
             # cuBLASLt's int8 GEMM wants more than 16 rows: pad, as torchao does.
             pad = torch.zeros((32, k), dtype=torch.int8, device=dev)
 
-            def padded(q):
+            def padded(q: Any) -> Any:
                 pad[:q.shape[0]].copy_(q)
                 return torch._int_mm(pad, wq_t)[:q.shape[0]]
             if exact(padded):
@@ -139,14 +139,14 @@ def _int8_gemm(torch: Any, dev: Any, m: int, k: int, n: int,
     if dev.type == "cpu":
         wi = wq_t.to(torch.int32)
 
-        def int32_mm(q):
+        def int32_mm(q: Any) -> Any:
             return torch.matmul(q.to(torch.int32), wi)
         if exact(int32_mm):
             return int32_mm, "int32 torch.matmul (no _int_mm here)"
     # Exact while every partial sum stays below 2**24: K <= 1040 for |q|, |w| <= 127.
     wf = wq_t.to(torch.float32)
 
-    def f32_mm(q):
+    def f32_mm(q: Any) -> Any:
         return torch.matmul(q.to(torch.float32), wf).to(torch.int32)
     exactness = "exact" if k * 127 * 127 < 2**24 else "not exact at this K"
     return f32_mm, f"float32 matmul of int8 values ({exactness}; no int8 GEMM here)"

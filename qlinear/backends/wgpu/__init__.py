@@ -48,13 +48,13 @@ from __future__ import annotations
 
 from .backend import WgpuBackend, create
 from .choose import (
-                     AdapterFacts,
-                     GemvChoice,
-                     QuantChoice,
-                     Storage,
-                     TiledChoice,
-                     choose_linear,
-                     choose_quant,
+    AdapterFacts,
+    GemvChoice,
+    QuantChoice,
+    Storage,
+    TiledChoice,
+    choose_linear,
+    choose_quant,
 )
 from .options import WgpuOptions
 from .shaders import shader_source
