@@ -38,7 +38,7 @@ if ls .whl/wgpu-*.whl >/dev/null 2>&1; then
   export PYTHONPATH="$PYTHONPATH:/tmp/site"
   export VK_DRIVER_FILES="${VK_DRIVER_FILES:-/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json}"
   timeout 300 python3 -m pytest -q -x -p no:cacheprovider --qlinear-backend=wgpu \
-    tests/test_linear.py tests/test_wgpu.py 2>&1 | tail -n 20 | tee "$OUT/pytest-wgpu.txt"
+    tests/test_linear.py tests/test_wgpu_*.py 2>&1 | tail -n 20 | tee "$OUT/pytest-wgpu.txt"
   timeout 300 python3 benchmarks/wgpu_bench.py --full --no-cpu --json "$OUT/wgpu_bench.json" \
     2>&1 | tee "$OUT/wgpu_bench.txt"
 fi

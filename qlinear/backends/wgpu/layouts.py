@@ -2,7 +2,7 @@
 layout, its binding numbers by WGSL variable name, and its uniform parameter block as a
 numpy structured dtype named after, and laid out as, the WGSL struct it fills.
 
-``tests/test_wgpu_layouts.py`` parses the structs and ``@binding`` declarations out of
+``tests/test_wgpu_shaders.py`` parses the structs and ``@binding`` declarations out of
 ``shaders/`` and checks them against these tables.
 """
 
