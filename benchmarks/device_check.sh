@@ -19,7 +19,7 @@ python3 -m qlinear info | tee "$OUT/info.txt"
 step "suite on cuda"
 timeout 300 python3 -m pytest -q -x -p no:cacheprovider --qlinear-backend=cuda \
   tests/test_linear.py tests/test_quantize.py tests/test_bad_inputs.py tests/test_api.py \
-  tests/test_torch.py tests/test_cuda_backend.py 2>&1 | tail -n 40 | tee "$OUT/pytest-cuda.txt"
+  tests/test_torch_*.py tests/test_bench_peers.py tests/test_cuda_backend.py 2>&1 | tail -n 40 | tee "$OUT/pytest-cuda.txt"
 
 step "compute-sanitizer memcheck"
 timeout 240 compute-sanitizer --tool memcheck --error-exitcode 3 \

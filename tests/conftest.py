@@ -1,6 +1,6 @@
 """Test configuration: load the qlinear plugin when the package is not installed
 (running from the tree with PYTHONPATH=.), hypothesis profiles, and the fixtures of the
-wgpu tests."""
+wgpu and torch tests (torch is imported only by the tests that use it)."""
 
 import importlib.metadata
 import os
@@ -44,3 +44,26 @@ def wgpu_be():
 def rng():
     """A fresh, unseeded generator: every run draws new data."""
     return np.random.default_rng()
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request):
+    """A torch device whose tensors the torch adapter runs with backend=None; the CUDA
+    case is skipped with the reason where torch CUDA or qlinear's cuda backend is missing."""
+    torch = pytest.importorskip("torch")
+    from torch_helpers import cuda_skip_reason
+
+    if request.param == "cuda":
+        reason = cuda_skip_reason()
+        if reason:
+            pytest.skip(reason)
+    return torch.device(request.param)
+
+
+@pytest.fixture(scope="module")
+def float_encoder():
+    """A small float transformer encoder (torch.nn), in eval mode."""
+    pytest.importorskip("torch")
+    from torch_helpers import Encoder
+
+    return Encoder(seed=0).eval()
