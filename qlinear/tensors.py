@@ -20,6 +20,7 @@ from typing import Any, Protocol, Union, runtime_checkable
 import numpy as np
 
 from .dtypes import DType
+from .errors import InvalidProblem
 
 __all__ = ["Tensor", "TensorLike", "contiguous_strides", "host_view", "SupportsDLPack",
            "SupportsCudaArrayInterface"]
@@ -83,7 +84,9 @@ class Tensor:
                  data_ptr: int | None = None, buffer_offset: int | None = None,
                  owner: Any = None, readonly: bool = False):
         if (data_ptr is None) == (buffer_offset is None):
-            raise ValueError("Tensor: give exactly one of data_ptr and buffer_offset")
+            raise InvalidProblem(
+                "data_ptr, buffer_offset: expected exactly one of them, got "
+                f"data_ptr={data_ptr!r}, buffer_offset={buffer_offset!r}")
         self.backend = backend
         self.device = device
         self.shape = tuple(map(int, shape))

@@ -203,3 +203,37 @@ def test_resources_found():
     assert resources.resource_dir("cuda").is_dir()
     with pytest.raises(ql.InvalidProblem, match="kind"):
         resources.resource_dir("nope")
+
+
+def test_bundles_mirror_their_args_and_are_frozen():
+    """Validation returns a frozen bundle with exactly the Args' fields, in order."""
+    import dataclasses
+
+    from qlinear.problem import LinearTensors, QuantizeTensors
+
+    for bundle in (LinearTensors, QuantizeTensors):
+        args = [f.name for f in dataclasses.fields(bundle.args_type)]
+        assert [f.name for f in dataclasses.fields(bundle)] == args
+    be = ql.backend("cpu")
+    desc = ql.QuantizedLinearDescriptor(m=2, c_out=3, k=5, dtype=ql.f32)
+    rng = np.random.default_rng()
+    args = ql.QuantizedLinearArgs(
+        activation=rng.standard_normal((2, 5)).astype(np.float32),
+        weight_q=rng.integers(-127, 128, (3, 5), dtype=np.int8),
+        weight_scale=np.ones(3, np.float32), output=np.empty((2, 3), np.float32),
+        act_q_scratch=np.empty((2, 5), np.int8), act_scale_scratch=np.empty(2, np.float32))
+    t = ql.validate.linear_args(be, desc, args)
+    assert isinstance(t, LinearTensors) and t.bias is None
+    assert all(isinstance(getattr(t, f), ql.Tensor) for f in ("activation", "output"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        t.output = t.activation
+
+
+def test_a_tensor_says_where_it_is_in_one_way():
+    with pytest.raises(ql.InvalidProblem, match="data_ptr, buffer_offset"):
+        ql.Tensor("cpu", "cpu", (1,), ql.f32, (1,), None, "host")
+    with pytest.raises(ql.InvalidProblem, match="data_ptr, buffer_offset"):
+        ql.Tensor("cpu", "cpu", (1,), ql.f32, (1,), None, "host", data_ptr=0, buffer_offset=0)
+    t = ql.Tensor("wgpu", "wgpu:0", (4, 2), ql.f32, (2, 1), None, "buf", buffer_offset=64)
+    assert t.data_ptr is None and t.origin == 64 and t.byte_span() == (64, 96)
+    assert t.view((2, 2)).byte_span() == (64, 80)
