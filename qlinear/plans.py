@@ -7,7 +7,7 @@ whether it can implement a set of arguments (and why not), its workspace size
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar, TypeVar, Union
 
 from . import validate
@@ -15,7 +15,12 @@ from .backends import Backend, Executable, PrecisionGuarantee
 from .backends import backend as get_backend
 from .dtypes import FLOAT_DTYPES, DType
 from .errors import InvalidProblem, QlinearError
-from .problem import DynamicRangeQuantizeDescriptor, QuantizedLinearDescriptor
+from .problem import (
+    DynamicRangeQuantizeDescriptor,
+    LinearTensors,
+    QuantizedLinearDescriptor,
+    QuantizeTensors,
+)
 
 BackendLike = Union[Backend, str, None]  # noqa: UP007 (a runtime alias on 3.10)
 _PlanT = TypeVar("_PlanT", bound="_Plan")
@@ -25,12 +30,13 @@ __all__ = ["QuantizedLinearPlan", "DynamicRangeQuantizePlan", "typical_plans"]
 
 class _Plan:
     _descriptor_type: ClassVar[type] = object
-    _check: ClassVar[Callable[..., Any]]
+    _bundle: ClassVar[Any]
 
     def __init__(self, backend: Backend, descriptor: Any, executable: Executable):
         self.backend = backend
         self.descriptor = descriptor
         self._executable = executable
+        self._expected = validate.expectations(self._bundle.args_type, descriptor)
 
     @classmethod
     def _make_executable(cls, be: Backend, desc: Any) -> Executable:
@@ -71,7 +77,7 @@ class _Plan:
     def can_implement(self, args: Any) -> bool:
         """Return True if ``args`` fit this plan; otherwise raise :class:`InvalidProblem`
         naming the argument, what was expected and what was given."""
-        type(self)._check(self.backend, self.descriptor, args)
+        validate.check_args(self.backend, self.descriptor, args, self._bundle, self._expected)
         return True
 
     def run(self, args: Any, stream: Any | None = None) -> None:
@@ -81,7 +87,8 @@ class _Plan:
 
         Empty problems are valid: with M = 0 (or C_out = 0 for the linear plan) nothing is
         computed or written; with K = 0 every row has scale 1 and ``y = bias`` (or 0)."""
-        tensors = type(self)._check(self.backend, self.descriptor, args)
+        tensors = validate.check_args(self.backend, self.descriptor, args, self._bundle,
+                                      self._expected)
         if self._is_empty():
             return
         self._executable.run(tensors, stream)
@@ -102,7 +109,7 @@ class QuantizedLinearPlan(_Plan):
     """
 
     _descriptor_type = QuantizedLinearDescriptor
-    _check = staticmethod(validate.linear_args)
+    _bundle = LinearTensors
 
     @classmethod
     def _make_executable(cls, be: Backend, desc: Any) -> Executable:
@@ -117,7 +124,7 @@ class DynamicRangeQuantizePlan(_Plan):
     per-row amax, scale, round half to even, clamp to ``q_min..q_max``."""
 
     _descriptor_type = DynamicRangeQuantizeDescriptor
-    _check = staticmethod(validate.quantize_args)
+    _bundle = QuantizeTensors
 
     @classmethod
     def _make_executable(cls, be: Backend, desc: Any) -> Executable:

@@ -206,7 +206,7 @@ class DynamicRangeQuantizeArgs:
 # -- validated bundles ----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LinearTensors:
     """:class:`QuantizedLinearArgs` after validation: every argument a checked
     :class:`Tensor` of the plan's backend (``bias`` may be None). What executables run on."""
@@ -222,7 +222,7 @@ class LinearTensors:
     bias: Tensor | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class QuantizeTensors:
     """:class:`DynamicRangeQuantizeArgs` after validation: checked :class:`Tensor` s."""
 

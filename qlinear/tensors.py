@@ -70,14 +70,16 @@ class Tensor:
             or None where the memory has no addresses.
         buffer_offset: where element 0 sits inside ``handle``, in bytes (wgpu), or None
             where ``data_ptr`` is given.
+        origin: whichever of the two this memory has: where element 0 sits in
+            ``memory``'s address space (what aliasing checks compare).
         owner: whatever must stay alive for the memory to stay valid.
         readonly: the creator promised nobody writes it (``from_numpy(..., readonly=True)``);
             a backend may then keep data derived from it in ``cache``.
     """
 
     __slots__ = ("backend", "device", "shape", "dtype", "strides", "handle", "memory",
-                 "data_ptr", "buffer_offset", "owner", "readonly", "cache", "size", "_span",
-                 "__weakref__")
+                 "data_ptr", "buffer_offset", "origin", "owner", "readonly", "cache", "size",
+                 "_span", "__weakref__")
 
     def __init__(self, backend: str, device: str, shape: Sequence[int], dtype: DType,
                  strides: Sequence[int | float], handle: Any, memory: Hashable, *,
@@ -87,6 +89,7 @@ class Tensor:
             raise InvalidProblem(
                 "data_ptr, buffer_offset: expected exactly one of them, got "
                 f"data_ptr={data_ptr!r}, buffer_offset={buffer_offset!r}")
+        self.origin = int(data_ptr) if data_ptr is not None else int(buffer_offset or 0)
         self.backend = backend
         self.device = device
         self.shape = tuple(map(int, shape))
@@ -94,8 +97,8 @@ class Tensor:
         self.strides = tuple(strides)  # kept as given: a fractional stride must stay invalid
         self.handle = handle
         self.memory = memory
-        self.data_ptr = None if data_ptr is None else int(data_ptr)
-        self.buffer_offset = None if buffer_offset is None else int(buffer_offset)
+        self.data_ptr = None if data_ptr is None else self.origin
+        self.buffer_offset = None if buffer_offset is None else self.origin
         self.owner = owner
         self.readonly = bool(readonly)
         # Derived data a backend may keep for read-only tensors (e.g. cpu's f32 weight).
@@ -103,12 +106,6 @@ class Tensor:
         #: Number of elements.
         self.size = math.prod(self.shape)
         self._span: tuple[int, int] | None = None
-
-    @property
-    def origin(self) -> int:
-        """Where element 0 sits in ``memory``'s address space, in bytes: ``data_ptr`` or
-        ``buffer_offset``, whichever this memory has."""
-        return self.data_ptr if self.data_ptr is not None else int(self.buffer_offset or 0)
 
     def view(self, shape: Sequence[int], *, origin: int | None = None) -> Tensor:
         """A view of the same memory, with the same strides, of another ``shape`` (e.g. the

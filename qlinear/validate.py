@@ -8,6 +8,7 @@ validation returns the typed bundle the executables run on.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, Union
 
@@ -27,7 +28,8 @@ from .tensors import Tensor
 if TYPE_CHECKING:
     from .backends.base import Backend
 
-__all__ = ["check_tensor", "check_no_alias", "check_args", "linear_args", "quantize_args"]
+__all__ = ["check_tensor", "check_no_alias", "check_args", "expectations", "linear_args",
+           "quantize_args"]
 
 Descriptor = Union[  # noqa: UP007 (a runtime alias on 3.10)
     QuantizedLinearDescriptor, DynamicRangeQuantizeDescriptor]
@@ -86,28 +88,43 @@ def check_no_alias(written: Mapping[str, Tensor], others: Mapping[str, Tensor]) 
                     f"overlaps {b}")
 
 
-def check_args(backend: Backend, desc: Descriptor, args: Any,
-               bundle: type[Bundle]) -> Bundle:
+Expectations = tuple[tuple[Any, ...], ...]
+
+
+@functools.lru_cache(maxsize=256)
+def expectations(args_type: type, desc: Descriptor) -> Expectations:
+    """``(name, shape, dtype, written, optional)`` of every argument of ``args_type`` for
+    ``desc``: what :func:`check_args` checks. A plan computes them once, when selected."""
+    return tuple((spec.name, tuple(getattr(desc, dim) for dim in spec.shape),
+                  s8 if spec.int8 else desc.dtype, spec.written, spec.optional)
+                 for spec in argument_specs(args_type))
+
+
+def check_args(backend: Backend, desc: Descriptor, args: Any, bundle: type[Bundle],
+               expected: Expectations | None = None) -> Bundle:
     """Check every argument of ``args`` (an instance of ``bundle.args_type``) against
     ``desc`` on ``backend``, then that no written argument overlaps another; return the
-    checked tensors as a ``bundle``."""
+    checked tensors as a ``bundle``. ``expected``: :func:`expectations` of ``desc``, when
+    the caller keeps them."""
     args_type = bundle.args_type
     if not isinstance(args, args_type):
         raise InvalidProblem(f"args: expected {args_type.__name__}, got {type(args).__name__}")
-    tensors: dict[str, Any] = {}
+    tensors: list[Any] = []
     written: dict[str, Tensor] = {}
     read: dict[str, Tensor] = {}
-    for spec in argument_specs(args_type):
-        obj = getattr(args, spec.name)
-        if obj is None and spec.optional:
-            tensors[spec.name] = None
+    if expected is None:
+        expected = expectations(args_type, desc)
+    for name, shape, dtype, is_written, optional in expected:
+        obj = getattr(args, name)
+        if obj is None and optional:
+            tensors.append(None)
             continue
-        shape = tuple(getattr(desc, dim) for dim in spec.shape)
-        t = check_tensor(backend, spec.name, obj, shape, s8 if spec.int8 else desc.dtype)
-        tensors[spec.name] = t
-        (written if spec.written else read)[spec.name] = t
+        t = check_tensor(backend, name, obj, shape, dtype)
+        tensors.append(t)
+        (written if is_written else read)[name] = t
     check_no_alias(written, read)
-    return bundle(**tensors)
+    # In declaration order, which the bundle's fields follow (a test checks it).
+    return bundle(*tensors)
 
 
 def linear_args(backend: Backend, desc: QuantizedLinearDescriptor,
