@@ -6,7 +6,7 @@ import pytest
 
 import qlinear as ql
 from qltest import random_activation, random_scale, random_weight
-from wgpu_helpers import linear_args, select_plan
+from wgpu_helpers import linear_args, select_plan, small_linear
 
 
 def test_f64_is_unsupported_naming_the_dtype(wgpu_be):
@@ -59,11 +59,8 @@ def test_pipelines_are_cached_per_device(wgpu_be):
 
 def test_run_cache_forgets_collected_buffers(wgpu_be, rng):
     import gc
-    m, k, n, dtype = 2, 8, 4, ql.f32
-    plan = ql.QuantizedLinearPlan.select(wgpu_be, ql.QuantizedLinearDescriptor(m, n, k, dtype))
-    x = random_activation(rng, m, k, dtype)
-    wq, ws = random_weight(rng, n, k), random_scale(rng, n, dtype)
-    keep = linear_args(wgpu_be, rng, x, wq, ws, None, dtype)
+    dtype = ql.f32
+    plan, keep, x, wq, ws = small_linear(wgpu_be, rng, dtype=dtype)
     sets = []
     for _ in range(3):
         args = linear_args(wgpu_be, rng, x, wq, ws, None, dtype)

@@ -22,18 +22,18 @@ from qlinear.backends.wgpu.choose import (
 from qlinear.backends.wgpu.options import WgpuOptions
 from qlinear.problem import DECODE_MAX_M
 
-METAL = AdapterFacts(is_gpu=True, backend_type="Metal", features=frozenset({"shader-f16"}),
-                     max_invocations_per_workgroup=1024, max_workgroup_size_x=1024,
-                     max_workgroup_size_y=1024)
-VULKAN_GPU = AdapterFacts(is_gpu=True, backend_type="Vulkan", features=frozenset(),
-                          max_invocations_per_workgroup=256, max_workgroup_size_x=1024,
-                          max_workgroup_size_y=1024)
-LAVAPIPE = AdapterFacts(is_gpu=False, backend_type="Vulkan", features=frozenset({"shader-f16"}),
-                        max_invocations_per_workgroup=1024, max_workgroup_size_x=1024,
-                        max_workgroup_size_y=1024)
-TINY = AdapterFacts(is_gpu=True, backend_type="Vulkan", features=frozenset(),
-                    max_invocations_per_workgroup=64, max_workgroup_size_x=64,
-                    max_workgroup_size_y=64)
+
+def facts(is_gpu, api, features=(), invocations=1024, size=1024):
+    """Hand-described adapter facts: no adapter needed."""
+    return AdapterFacts(is_gpu=is_gpu, backend_type=api, features=frozenset(features),
+                        max_invocations_per_workgroup=invocations, max_workgroup_size_x=size,
+                        max_workgroup_size_y=size)
+
+
+METAL = facts(True, "Metal", {"shader-f16"})
+VULKAN_GPU = facts(True, "Vulkan", invocations=256)
+LAVAPIPE = facts(False, "Vulkan", {"shader-f16"})
+TINY = facts(True, "Vulkan", invocations=64, size=64)
 
 
 def options(wg_storage=32768, **kw):

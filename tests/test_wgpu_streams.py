@@ -13,7 +13,7 @@ from qltest import (
     random_scale,
     random_weight,
 )
-from wgpu_helpers import linear_args
+from wgpu_helpers import linear_args, small_linear
 
 
 def test_batch_runs_many_plans_in_one_submit(wgpu_be, rng):
@@ -41,11 +41,8 @@ def test_batch_runs_many_plans_in_one_submit(wgpu_be, rng):
 
 
 def test_batch_flush_and_abort(wgpu_be, rng):
-    m, k, n, dtype = 2, 8, 4, ql.f32
-    plan = ql.QuantizedLinearPlan.select(wgpu_be, ql.QuantizedLinearDescriptor(m, n, k, dtype))
-    x = random_activation(rng, m, k, dtype)
-    wq, ws = random_weight(rng, n, k), random_scale(rng, n, dtype)
-    args = linear_args(wgpu_be, rng, x, wq, ws, None, dtype)
+    dtype = ql.f32
+    plan, args, x, wq, ws = small_linear(wgpu_be, rng, dtype=dtype)
     with wgpu_be.batch() as b:
         plan.run(args, stream=b)
         # to_numpy inside the block submits what is encoded, then waits.

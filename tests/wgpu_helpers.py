@@ -3,7 +3,7 @@ and ``rng`` are in ``conftest.py``): plans selected under options, argument bund
 fresh device tensors, and how many dispatches a plan's run encoded."""
 
 import qlinear as ql
-from qltest import check_linear, poisoned
+from qltest import check_linear, poisoned, random_activation, random_scale, random_weight
 
 DTYPES = [ql.f32, ql.f16, ql.bf16]
 # (m, k, n): small-M kernel, tiled kernel; odd K and odd N (f16 words shared across rows).
@@ -12,8 +12,7 @@ SHAPES = [(1, 13, 7), (16, 130, 33), (17, 37, 9), (70, 258, 67)]
 
 def linear(be, x, wq, ws, bias, dtype, rng, q_min=-127, q_max=127):
     """Run a linear plan on ``be`` and check every output against the oracle."""
-    y = check_linear(be, x, wq, ws, bias, dtype, q_min, q_max, rng=rng)
-    return y
+    return check_linear(be, x, wq, ws, bias, dtype, q_min, q_max, rng=rng)
 
 
 def select_plan(be, m, n, k, dtype, **settings):
@@ -39,3 +38,12 @@ def linear_args(be, rng, x, wq, ws, bias, dtype):
         output=poisoned(be, (m, n), dtype, rng), act_q_scratch=poisoned(be, (m, k), ql.s8, rng),
         act_scale_scratch=poisoned(be, (m,), dtype, rng),
         bias=None if bias is None else be.from_numpy(bias))
+
+
+def small_linear(be, rng, m=2, k=8, n=4, dtype=ql.f32):
+    """A small f32 linear plan, fresh host data ``(x, wq, ws)`` and poisoned bias-less
+    arguments holding it: ``(plan, args, x, wq, ws)``."""
+    plan = ql.QuantizedLinearPlan.select(be, ql.QuantizedLinearDescriptor(m, n, k, dtype))
+    x = random_activation(rng, m, k, dtype)
+    wq, ws = random_weight(rng, n, k), random_scale(rng, n, dtype)
+    return plan, linear_args(be, rng, x, wq, ws, None, dtype), x, wq, ws

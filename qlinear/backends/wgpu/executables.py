@@ -5,6 +5,7 @@ bind groups of the tensor sets it ran on."""
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
     from .backend import WgpuBackend
 
 __all__ = ["QuantizeExecutable", "LinearExecutable"]
+
+# Every tensor of a linear bundle, in field order (bias may be None): the run cache key.
+_LINEAR_TENSORS = operator.attrgetter(*(f.name for f in dataclasses.fields(LinearTensors)))
 
 
 def _with_f16_note(g: PrecisionGuarantee, storage: Storage) -> PrecisionGuarantee:
@@ -115,8 +119,7 @@ class LinearExecutable(_WgpuExecutable):
 
     def run(self, tensors: LinearTensors, stream: Any = None) -> None:
         # A bias-less run of the same tensors has its own entry: the key's length differs.
-        fields = tuple(getattr(tensors, f.name) for f in dataclasses.fields(tensors))
-        d = self._cached(fields, lambda: self._build(tensors))
+        d = self._cached(_LINEAR_TENSORS(tensors), lambda: self._build(tensors))
         self._encode(stream, d)
 
     def _build(self, t: LinearTensors) -> Dispatches:
