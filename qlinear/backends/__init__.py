@@ -6,13 +6,15 @@ Backends are imported lazily: importing qlinear never imports wgpu or cuda-pytho
 from __future__ import annotations
 
 import importlib
+import threading
 from dataclasses import dataclass
 
 from ..errors import BackendUnavailable, InvalidProblem
 from .base import Backend, Executable, PrecisionGuarantee
 
 __all__ = ["Backend", "Executable", "PrecisionGuarantee", "backend", "backend_names",
-           "register_backend", "BackendStatus", "backend_status", "install_hint"]
+           "register_backend", "BackendStatus", "backend_status", "install_hint",
+           "DefaultChoice", "default_backend"]
 
 # name -> (module, what to install), said once here: a backend raises BackendUnavailable
 # with a hint of its own only for a more specific remedy (a driver, NVRTC), and the
@@ -28,13 +30,18 @@ _REGISTRY: dict[str, tuple[str, str]] = {
 }
 _instances: dict[str, Backend] = {}
 _failures: dict[str, BackendUnavailable] = {}
+# One backend object per name (per device), whichever thread asks first: creation runs
+# under this lock, so concurrent first calls get the same object. Re-entrant because a
+# backend's create() may ask the registry for another one.
+_lock = threading.RLock()
 
 
 def register_backend(name: str, module: str, install: str = "") -> None:
     """Register a backend: ``module`` defines ``create() -> Backend``."""
-    _REGISTRY[name] = (module, install)
-    _instances.pop(name, None)
-    _failures.pop(name, None)
+    with _lock:
+        _REGISTRY[name] = (module, install)
+        _instances.pop(name, None)
+        _failures.pop(name, None)
 
 
 def install_hint(name: str) -> str:
@@ -48,6 +55,14 @@ def backend_names() -> list[str]:
 
 
 def _create(name: str) -> Backend:
+    be = _instances.get(name)
+    if be is not None:
+        return be
+    with _lock:
+        return _create_locked(name)
+
+
+def _create_locked(name: str) -> Backend:
     if name in _instances:
         return _instances[name]
     if name in _failures:
@@ -79,17 +94,37 @@ def backend(name: str | Backend | None = None) -> Backend:
     if isinstance(name, Backend):
         return name
     if name is None:
-        for candidate in _REGISTRY:
-            try:
-                be = _create(candidate)
-            except BackendUnavailable:
-                continue
-            if be.is_gpu or candidate == "cpu":
-                return be
-        return _create("cpu")
-    if name not in _REGISTRY:
+        return default_backend().backend
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise InvalidProblem(f"backend: expected one of {backend_names()}, got {name!r}")
     return _create(name)
+
+
+@dataclass(frozen=True)
+class DefaultChoice:
+    """Which backend ``ql.backend()`` picks here, and why, in a sentence."""
+
+    backend: Backend
+    reason: str
+
+
+def default_backend() -> DefaultChoice:
+    """The best available backend (a GPU backend in preference order, else cpu) and why
+    the ones before it were passed over, e.g. "wgpu runs on a CPU adapter (llvmpipe)"."""
+    passed: list[str] = []
+    for candidate in _REGISTRY:
+        try:
+            be = _create(candidate)
+        except BackendUnavailable as e:
+            passed.append(f"{candidate} is unavailable ({e.reason})")
+            continue
+        if be.is_gpu:
+            return DefaultChoice(be, f"{candidate} runs on a GPU ({be.device_name})")
+        if candidate != "cpu":
+            passed.append(f"{candidate} runs on a CPU adapter ({be.device_name})")
+    be = _create("cpu")
+    why = "; ".join(passed) or "no GPU backend is registered"
+    return DefaultChoice(be, f"{why}: using cpu")
 
 
 @dataclass
