@@ -11,6 +11,8 @@ import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
+import numpy as np
+
 from .dtypes import DType, as_dtype
 from .errors import InvalidProblem
 from .tensors import Tensor, TensorLike
@@ -27,6 +29,7 @@ __all__ = [
     "max_exact_k",
     "INT32_MAX",
     "DECODE_MAX_M",
+    "check_int",
 ]
 
 INT32_MAX = 2**31 - 1
@@ -43,12 +46,29 @@ def max_exact_k(q_min: int = -127, q_max: int = 127) -> int:
     return INT32_MAX // (max(-q_min, q_max) * _W_ABS_MAX)
 
 
+def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None,
+              what: str = "") -> int:
+    """``value`` as an int, if it is an integer (a Python or numpy int; never a bool, a
+    float or a string) within ``lo..hi``; :class:`InvalidProblem` naming ``name`` otherwise.
+    Every integer parameter of the API goes through here, so all take the same values."""
+    if lo is not None and hi is not None:
+        expected = f"an integer in {lo}..{hi}{what}"
+    elif lo == 0:
+        expected = "a non-negative integer"
+    elif lo is not None:
+        expected = f"an integer >= {lo}"
+    else:
+        expected = "an integer"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise InvalidProblem(f"{name}: expected {expected}, got {value!r}")
+    v = int(value)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise InvalidProblem(f"{name}: expected {expected}, got {value!r}")
+    return v
+
+
 def _size(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InvalidProblem(f"{name}: expected a non-negative integer, got {value!r}")
-    if value < 0:
-        raise InvalidProblem(f"{name}: expected a non-negative integer, got {value!r}")
-    return int(value)
+    return check_int(name, value, 0)
 
 
 def _normalise(desc: Any, sizes: tuple[str, ...]) -> None:
@@ -63,11 +83,8 @@ def _normalise(desc: Any, sizes: tuple[str, ...]) -> None:
 
 
 def _q_range(q_min: Any, q_max: Any) -> tuple[int, int]:
-    for name, v in (("q_min", q_min), ("q_max", q_max)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise InvalidProblem(f"{name}: expected an integer in -128..127, got {v!r}")
-        if not -128 <= int(v) <= 127:
-            raise InvalidProblem(f"{name}: expected an integer in -128..127 (int8), got {v!r}")
+    q_min = check_int("q_min", q_min, -128, 127, " (int8)")
+    q_max = check_int("q_max", q_max, -128, 127, " (int8)")
     if not q_min < 0 < q_max:
         raise InvalidProblem(
             f"q_min, q_max: expected q_min < 0 < q_max, got q_min={q_min!r}, q_max={q_max!r}")
