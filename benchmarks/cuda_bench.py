@@ -20,7 +20,9 @@ for decode shapes, M <= 16, the L2 cache is flushed before each run):
   weight once (the floor for decode shapes);
 - the activation pass alone (``DynamicRangeQuantizePlan``), as GB/s.
 
-Prints a table (time, TOPS, % of the 1979 TOPS dense int8 peak of an H100 SXM, ratios)
+Prints a table (time, TOPS, % of the 1979 TOPS dense int8 peak of an H100 SXM, ratios:
+each is baseline time / qlinear time, > 1 means qlinear is faster; against the weight
+read, the floor, it is at most 1)
 and writes JSON rows with the keys ``m, k, n, dtype, qlinear_ms, torch_w8a8_ms, fp16_ms,
 weight_read_ms, act_pass_gbps, copy_gbps`` (plus details). Tensors are torch tensors
 wrapped zero-copy by the backend, and everything runs on a non-default torch stream.
@@ -371,7 +373,7 @@ def print_table(rows, device: str, copy_gbps: float) -> None:
           f"int8 peak {INT8_PEAK_TOPS:.0f} TOPS (dense)")
     head = (f"{'M':>5} {'K':>6} {'N':>6} {'dt':>4} | {'qlinear ms':>10} {'TOPS':>7} {'%peak':>6} | "
             f"{'w8a8 ms':>8} {'w8a8/ql':>7} | {'fp ms':>8} {'fp/ql':>6} | {'wread ms':>8} "
-            f"{'ql/wread':>8} | {'act GB/s':>8} {'%copy':>6}")
+            f"{'wread/ql':>8} | {'act GB/s':>8} {'%copy':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -381,7 +383,7 @@ def print_table(rows, device: str, copy_gbps: float) -> None:
               f"{r['tops']:>7.1f} {r['pct_int8_peak']:>5.1f}% | "
               f"{'-' if w8 is None else f'{w8:.4f}':>8} {_ratio(w8, r['qlinear_ms']):>7} | "
               f"{'-' if fp is None else f'{fp:.4f}':>8} {_ratio(fp, r['qlinear_ms']):>6} | "
-              f"{r['weight_read_ms']:>8.4f} {_ratio(r['qlinear_ms'], r['weight_read_ms']):>8} | "
+              f"{r['weight_read_ms']:>8.4f} {_ratio(r['weight_read_ms'], r['qlinear_ms']):>8} | "
               f"{r['act_pass_gbps']:>8.0f} {100 * r['act_pass_gbps'] / copy_gbps:>5.0f}%")
     for note in sorted({r["torch_note"] for r in rows}):
         if note:

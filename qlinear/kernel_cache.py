@@ -14,12 +14,21 @@ On disk each entry is one file, ``<dir>/kernels-v1/<key>.qlk``::
     payload    the binary
     digest     SHA-256 of everything above (32 bytes)
 
-Entries are written to a temporary file in the same folder and renamed over the
-final name (``os.replace``, atomic), so a reader sees an old entry, a new one or none,
-never half of one; several processes compiling the same kernel at once each rename a
-complete file and the last one stays. A file that is truncated, altered, written for
-another key or in another format fails verification and is compiled again (and
-rewritten), never loaded.
+Entries are written to a temporary file in the same folder (``.<key prefix>.*.tmp``)
+and renamed over the final name (``os.replace``, atomic), so a reader sees an old entry,
+a new one or none, never half of one; several processes compiling the same kernel at
+once each rename a complete file and the last one stays. A file that is truncated,
+altered, written for another key or in another format fails verification and is
+compiled again (and rewritten), never loaded.
+
+An entry is a regular file of bounded size (at most ``_MAX_ENTRY``, 256 MiB; its header
+at most 16 MiB): anything else at an entry's path (a FIFO, a device, a directory, a
+symlink, which is never followed) is ignored and rebuilt, without blocking on it or
+reading past the size the file had when opened. A header that parses to something this
+module never writes (fields of the wrong types, JSON nested too deep to parse) is damage
+like any other. A temporary file older than ``_STALE_TMP_S`` (10 minutes; a writer's
+lives milliseconds) was left by a writer that died before its rename: it is removed when
+the cache is opened or written. A writer stalled past that loses only its own write.
 
 ``QLINEAR_CACHE_DIR`` picks the folder (default ``~/.cache/qlinear``); ``off`` keeps the
 cache in memory only. A folder that cannot be written is read-only for the cache,
@@ -31,9 +40,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import stat
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +68,14 @@ _DIGEST = 32
 _SUBDIR = f"kernels-v{_FORMAT}"
 # A header beyond this is not one we wrote: refuse before parsing it.
 _MAX_HEADER = 16 << 20
+# An entry file beyond this is not one we wrote (cubins are a few MiB): not read.
+_MAX_ENTRY = 256 << 20
+# A temporary file untouched for this long belongs to a writer that died.
+_STALE_TMP_S = 600.0
+_TMP_NAME = re.compile(r"\.[0-9a-f]{16}\..+\.tmp")
+# Opening never blocks (a FIFO) and never follows a final symlink, where the OS can say so.
+_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
+               | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
 
 
 @dataclass(frozen=True)
@@ -122,24 +142,78 @@ def _decode(data: bytes, key: str) -> CacheEntry | None:
         return None
     try:
         header = json.loads(body[fixed:fixed + hlen].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None  # RecursionError: nesting too deep for the parser, not ours either
     if not isinstance(header, dict) or header.get("format") != _FORMAT or header.get("key") != key:
         return None
     binary = body[fixed + hlen:]
-    if header.get("size") != len(binary):
+    size = header.get("size")
+    if type(size) is not int or size != len(binary):
         return None
     symbols = header.get("symbols")
     parts = header.get("parts")
-    if not isinstance(symbols, dict) or not isinstance(parts, dict):
+    log = header.get("log", "")
+    if not isinstance(symbols, dict) or not isinstance(parts, dict) or not isinstance(log, str):
         return None
-    return CacheEntry(key, binary, symbols, str(header.get("log", "")), parts, "disk")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in symbols.items()):
+        return None
+    return CacheEntry(key, binary, symbols, log, parts, "disk")
+
+
+def _read_regular(path: Path) -> bytes | None:
+    """The bytes of ``path`` if it is a regular file (not a followed symlink, FIFO, device
+    or directory) of at most ``_MAX_ENTRY`` bytes; None otherwise. Never blocks, and never
+    reads past the size the file had when opened."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)  # the file opened, which may not be the one lstat saw
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_ENTRY:
+            return None
+        chunks = []
+        left = st.st_size + 1  # one byte more shows a file that grew: not a finished entry
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        return data if len(data) == st.st_size else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_tmp(folder: Path) -> None:
+    """Remove the temporary files of writers that died before their rename: ours by name,
+    untouched for ``_STALE_TMP_S``. Errors (another process removing them too) ignored."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    deadline = time.time() - _STALE_TMP_S
+    for name in names:
+        if not _TMP_NAME.fullmatch(name):
+            continue
+        p = folder / name
+        try:
+            if os.lstat(p).st_mtime < deadline:
+                os.unlink(p)
+        except OSError:
+            pass
 
 
 class KernelCache:
     """Compiled kernels by key, in memory and (unless ``directory`` is None) on disk.
 
-    Thread-safe; concurrent processes share the disk folder safely.
+    Thread-safe; concurrent processes share the disk folder safely. Opening the cache
+    removes the temporary files that writers which died left behind.
 
     Args:
         directory: the folder of the disk cache, or None for memory only.
@@ -147,6 +221,8 @@ class KernelCache:
 
     def __init__(self, directory: str | os.PathLike | None):
         self.directory: Path | None = None if directory is None else Path(directory)
+        if self.directory is not None:
+            _remove_stale_tmp(self.directory / _SUBDIR)
         self._memory: dict[str, CacheEntry] = {}
         self._lock = threading.Lock()
         self._key_locks: dict[str, threading.Lock] = {}
@@ -207,13 +283,10 @@ class KernelCache:
 
     def _read(self, key: str) -> CacheEntry | None:
         path = self.path(key)
-        if path is None:
+        if path is None or not os.path.lexists(path):
             return None
-        try:
-            data = path.read_bytes()
-        except OSError:
-            return None
-        entry = _decode(data, key)
+        data = _read_regular(path)
+        entry = None if data is None else _decode(data, key)
         if entry is None:
             self.stats["rejected"] += 1
         return entry
@@ -222,13 +295,16 @@ class KernelCache:
         path = self.path(entry.key)
         if path is None:
             return
+        data = _encode(entry)
+        if len(data) > _MAX_ENTRY:
+            return  # a reader would refuse it: kept in memory only
         tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{entry.key[:16]}.", suffix=".tmp",
                                        dir=path.parent)
             with os.fdopen(fd, "wb") as f:
-                f.write(_encode(entry))
+                f.write(data)
             os.replace(tmp, path)
             tmp = None
         except OSError:
@@ -239,6 +315,7 @@ class KernelCache:
                     os.unlink(tmp)
                 except OSError:
                     pass
+        _remove_stale_tmp(path.parent)
 
     def __repr__(self) -> str:
         where = "memory only" if self.directory is None else str(self.directory)

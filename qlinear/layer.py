@@ -2,20 +2,39 @@
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from .backends import Backend
 from .backends import backend as get_backend
-from .dtypes import DType, DTypeLike, as_dtype, f64
+from .dtypes import DType, DTypeLike, as_dtype, bf16, f64
 from .errors import InvalidProblem
 from .plans import QuantizedLinearPlan
-from .problem import QuantizedLinearArgs, QuantizedLinearDescriptor
+from .problem import QuantizedLinearArgs, QuantizedLinearDescriptor, check_int
 from .tensors import Tensor
+from .validate import check_plain_array
 
 __all__ = ["quantize_weight", "QuantizedLinear"]
+
+#: Version of the pickled state of a :class:`QuantizedLinear`.
+_STATE_VERSION = 1
+
+
+def _is_real(dt: np.dtype) -> bool:
+    """Whether an array of ``dt`` holds real numbers (ints, floats, bf16; not bools)."""
+    return dt.kind in "iuf" or dt == bf16.numpy
+
+
+def _first_bad(mask: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.argwhere(mask)[0])
+
+
+def _float_max(dt: DType) -> float:
+    return float(ml_dtypes.finfo(dt.numpy).max)
 
 
 def quantize_weight(weight: Any, *, dtype: DTypeLike | None = None,
@@ -26,58 +45,147 @@ def quantize_weight(weight: Any, *, dtype: DTypeLike | None = None,
     ``dtype`` (default: the weight's own float type); all-zero rows get scale 1.
     ``weight_q[n, k] = clamp(round_half_to_even(weight[n, k] / weight_scale[n]), -q_max, q_max)``.
 
+    Raises :class:`InvalidProblem` for a weight that is not a finite 2-D real array, a
+    ``q_max`` outside 1..127, or a row whose scale does not fit ``dtype`` (an f16 layer
+    holds scales up to 65504, so rows with ``max |w|`` above about 8.3e6 are refused).
+
     Returns ``(weight_q[C_out, K] int8, weight_scale[C_out] dtype)`` as numpy arrays.
     """
+    q_max = check_int("q_max", q_max, 1, 127)
+    check_plain_array("weight", weight)
     w = np.asarray(weight)
     if w.ndim != 2:
         raise InvalidProblem(f"weight: expected a 2-D array [C_out, K], got shape {w.shape}")
+    if not _is_real(w.dtype):
+        raise InvalidProblem(f"weight: expected a real (float or int) array, got dtype {w.dtype}")
+    if dtype is None and not (w.dtype.kind == "f" or w.dtype == bf16.numpy):
+        raise InvalidProblem(
+            f"dtype: expected a float type (f32, f16, bf16, f64) for an integer weight, "
+            f"got None (the weight is {w.dtype})")
     dt = as_dtype(dtype if dtype is not None else w.dtype, name="dtype")
     if not dt.is_float:
         raise InvalidProblem(f"dtype: expected a float type (f32, f16, bf16, f64), got {dt.name}")
-    if not (isinstance(q_max, int) and 0 < q_max <= 127):
-        raise InvalidProblem(f"q_max: expected an integer in 1..127, got {q_max!r}")
+    if not np.isfinite(w).all():
+        bad = _first_bad(~np.isfinite(w))
+        raise InvalidProblem(
+            f"weight: expected finite values, got {w[bad]} at {bad} (row {bad[0]})")
     ct = np.float64 if dt == f64 else np.float32
-    wc = w.astype(ct)
+    with np.errstate(over="ignore"):  # a value beyond ct is reported below, not warned about
+        wc = w.astype(ct)
     if not np.isfinite(wc).all():
-        bad = int(np.argwhere(~np.isfinite(wc))[0][0])
-        raise InvalidProblem(f"weight: expected finite values, got NaN or Inf in row {bad}")
+        bad = _first_bad(~np.isfinite(wc))
+        raise InvalidProblem(
+            f"weight: expected values within {np.dtype(ct).name} (the compute type of "
+            f"dtype {dt.name}), got {w[bad]} at {bad}")
     amax = np.abs(wc).max(axis=1) if wc.shape[1] else np.zeros(wc.shape[0], ct)
-    scale = (amax / ct(q_max)).astype(dt.numpy)
+    with np.errstate(over="ignore"):
+        scale = (amax / ct(q_max)).astype(dt.numpy)
+    if not np.isfinite(scale).all():
+        row = _first_bad(~np.isfinite(scale))[0]
+        raise InvalidProblem(
+            f"weight: expected max |w| / q_max of every row within {dt.name}'s range "
+            f"(at most {_float_max(dt):.6g}), got {float(amax[row]):.6g} / {q_max} in row "
+            f"{row}; quantize with dtype=f32 or bf16, or scale the weight down")
     scale[scale == 0] = 1
     q = np.clip(np.rint(wc / scale.astype(ct)[:, None]), -q_max, q_max).astype(np.int8)
     return q, scale
+
+
+def _check_weight_q(weight_q: Any) -> np.ndarray:
+    check_plain_array("weight_q", weight_q)
+    wq = np.asarray(weight_q)
+    if wq.dtype != np.int8 or wq.ndim != 2:
+        raise InvalidProblem(
+            f"weight_q: expected a 2-D int8 array [C_out, K], got a {wq.ndim}-D {wq.dtype} "
+            f"array of shape {wq.shape}")
+    return wq
+
+
+def _check_scale(weight_scale: Any, c_out: int) -> np.ndarray:
+    """The per-channel scale ``[c_out]`` (a 0-d scale is per tensor: broadcast)."""
+    check_plain_array("weight_scale", weight_scale)
+    ws = np.asarray(weight_scale)
+    if not (ws.dtype.kind == "f" or ws.dtype == bf16.numpy):
+        raise InvalidProblem(
+            f"weight_scale: expected a float array (f32, f16, bf16, f64), got dtype {ws.dtype}")
+    dt = as_dtype(ws.dtype, name="weight_scale")
+    if ws.ndim == 0:
+        ws = np.full(c_out, ws, dt.numpy)
+    if ws.shape != (c_out,):
+        raise InvalidProblem(
+            f"weight_scale: expected shape [C_out] = [{c_out}] (or a scalar), got {ws.shape}")
+    if not np.isfinite(ws).all():
+        bad = _first_bad(~np.isfinite(ws))[0]
+        raise InvalidProblem(f"weight_scale: expected finite values, got {ws[bad]} at index {bad}")
+    return ws
+
+
+def _check_bias(bias: Any, c_out: int, dt: DType) -> np.ndarray | None:
+    """The bias ``[c_out]`` rounded to ``dt``, or None."""
+    if bias is None:
+        return None
+    check_plain_array("bias", bias)
+    b = np.asarray(bias)
+    if b.ndim != 1 or not _is_real(b.dtype):
+        raise InvalidProblem(
+            f"bias: expected None or a 1-D real array [C_out] = [{c_out}], got "
+            f"{type(bias).__name__} of dtype {b.dtype} and shape {b.shape}")
+    if b.shape != (c_out,):
+        raise InvalidProblem(f"bias: expected shape [C_out] = [{c_out}], got {b.shape}")
+    with np.errstate(over="ignore"):  # reported below
+        rounded = b.astype(dt.numpy)
+    if not np.isfinite(rounded).all():
+        bad = _first_bad(~np.isfinite(rounded))[0]
+        raise InvalidProblem(
+            f"bias: expected finite values within {dt.name}'s range (at most "
+            f"{_float_max(dt):.6g}), got {b[bad]} at index {bad}")
+    return rounded
 
 
 class QuantizedLinear:
     """A W8A8 linear layer: owns its int8 weight, per-channel scale, bias and reusable
     activation scratch on one backend.
 
+    Everything is checked when the layer is built (shapes, dtypes, finite scales and bias,
+    the q range, K's exactness bound, and that the backend runs the dtype), so that a
+    call can only fail on its input. ``weight_scale`` sets the layer's dtype (TIn); a
+    scalar scale is per tensor and broadcast; ``bias`` is rounded to TIn.
+
     ``layer(x)`` takes ``x[..., K]`` of the layer's dtype and returns ``y[..., C_out]``:
     a numpy array in gives a numpy array out; a 2-D backend tensor in gives a backend
     tensor out (asynchronous on GPU backends). The scratch grows when M grows.
+
+    Layers pickle (host copies of the weight, scale and bias, and the backend's
+    registry name: unpickling builds the layer again on ``ql.backend(name)``) and
+    :meth:`save` to / :meth:`load` from a safetensors file, without torch.
     """
 
     _PLAN_CACHE = 64
 
     def __init__(self, weight_q: Any, weight_scale: Any, bias: Any = None, *,
                  backend: Backend | str | None = None, q_min: int = -127, q_max: int = 127):
-        self.backend = get_backend(backend)
-        wq = np.asarray(weight_q)
-        ws = np.asarray(weight_scale)
-        if wq.dtype != np.int8 or wq.ndim != 2:
-            raise InvalidProblem(
-                f"weight_q: expected a 2-D int8 array, got {wq.ndim}-D {wq.dtype}")
-        self.dtype: DType = as_dtype(ws.dtype, name="weight_scale")
-        self.out_features, self.in_features = wq.shape
-        # Validates q range and K once, with a clear error.
-        QuantizedLinearDescriptor(0, self.out_features, self.in_features, self.dtype, q_min, q_max)
-        self.q_min, self.q_max = q_min, q_max
-        be = self.backend
+        self._build(weight_q, weight_scale, bias, backend, q_min, q_max)
+
+    def _build(self, weight_q: Any, weight_scale: Any, bias: Any,
+               backend: Backend | str | None, q_min: int, q_max: int) -> None:
+        be = get_backend(backend)
+        wq = _check_weight_q(weight_q)
+        c_out, k = wq.shape
+        ws = _check_scale(weight_scale, c_out)
+        dt = as_dtype(ws.dtype, name="weight_scale")
+        b = _check_bias(bias, c_out, dt)
+        # The q range and K's bound once, with a clear error; then whether the backend
+        # runs this dtype at all (Unsupported now rather than at the first call).
+        desc = QuantizedLinearDescriptor(0, c_out, k, dt, q_min, q_max)
+        empty_plan = QuantizedLinearPlan.select(be, desc)
+        self.backend = be
+        self.dtype: DType = dt
+        self.out_features, self.in_features = c_out, k
+        self.q_min, self.q_max = desc.q_min, desc.q_max
         self.weight_q = be.from_numpy(wq, readonly=True)
         self.weight_scale = be.from_numpy(ws, readonly=True)
-        self.bias = None if bias is None else be.from_numpy(
-            np.asarray(bias).astype(self.dtype.numpy), readonly=True)
-        self._plans: OrderedDict[int, QuantizedLinearPlan] = OrderedDict()
+        self.bias = None if b is None else be.from_numpy(b, readonly=True)
+        self._plans: OrderedDict[int, QuantizedLinearPlan] = OrderedDict({0: empty_plan})
         self._scratch: tuple[Tensor, Tensor] | None = None  # (act_q [cap, K], act_scale [cap])
 
     @classmethod
@@ -89,6 +197,44 @@ class QuantizedLinear:
         ``dtype`` is TIn of activations and outputs (default: the weight's float type)."""
         wq, ws = quantize_weight(weight, dtype=dtype)
         return cls(wq, ws, bias, backend=backend, q_min=q_min, q_max=q_max)
+
+    def host_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Host copies of ``(weight_q [C_out, K] int8, weight_scale [C_out], bias [C_out]
+        or None)``, as the layer holds them (waits for the device on GPU backends)."""
+        be = self.backend
+        return (be.to_numpy(self.weight_q), be.to_numpy(self.weight_scale),
+                None if self.bias is None else be.to_numpy(self.bias))
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the layer to ``path`` as one safetensors file (format in
+        :mod:`qlinear.layer_io`); torch is not needed. The file is replaced atomically."""
+        from .layer_io import save_layer
+
+        save_layer(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *,
+             backend: Backend | str | None = None) -> QuantizedLinear:
+        """The layer saved at ``path`` (by :meth:`save`), on ``backend``. Its outputs are
+        bit-identical to the saved layer's. A missing, truncated, corrupt or foreign file
+        raises :class:`InvalidProblem` naming ``path``."""
+        from .layer_io import load_layer
+
+        return load_layer(path, backend=backend, cls=cls)
+
+    def __getstate__(self) -> dict[str, Any]:
+        wq, ws, bias = self.host_arrays()
+        return {"version": _STATE_VERSION, "backend": self.backend.name, "weight_q": wq,
+                "weight_scale": ws, "bias": bias, "q_min": self.q_min, "q_max": self.q_max}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        version = state.get("version")
+        if version != _STATE_VERSION:
+            raise InvalidProblem(
+                f"state: expected a pickled QuantizedLinear of version {_STATE_VERSION}, "
+                f"got version {version!r}")
+        self._build(state["weight_q"], state["weight_scale"], state["bias"], state["backend"],
+                    state["q_min"], state["q_max"])
 
     def plan(self, m: int) -> QuantizedLinearPlan:
         """The (cached) plan for ``m`` rows."""
@@ -134,16 +280,18 @@ class QuantizedLinear:
 
     def __call__(self, x: Any) -> Any:
         """``y[..., C_out]`` for ``x[..., K]``: numpy in, numpy out; a backend tensor in,
-        a backend tensor out."""
+        a backend tensor out. With K = 0, ``y`` is the bias broadcast (zeros without one)."""
         if not isinstance(x, np.ndarray):
             return self.forward(x)
+        check_plain_array("x", x)  # a mask or matrix semantics would be lost in the copy
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise InvalidProblem(
                 f"x: expected shape [..., {self.in_features}], got {x.shape}")
         if x.dtype != self.dtype.numpy:
             raise InvalidProblem(f"x: expected dtype {self.dtype.name}, got {x.dtype}")
         lead = x.shape[:-1]
-        x2 = np.ascontiguousarray(x.reshape(-1, self.in_features))
+        # M from the leading dims, not reshape(-1, K): -1 is ambiguous when K = 0.
+        x2 = np.ascontiguousarray(x.reshape(int(np.prod(lead, dtype=np.int64)), self.in_features))
         be = self.backend
         if be.host_memory:
             y = np.empty((x2.shape[0], self.out_features), self.dtype.numpy)

@@ -20,6 +20,7 @@ from .problem import (
     LinearTensors,
     QuantizedLinearDescriptor,
     QuantizeTensors,
+    check_int,
 )
 
 BackendLike = Union[Backend, str, None]  # noqa: UP007 (a runtime alias on 3.10)
@@ -50,8 +51,9 @@ class _Plan:
         """Choose and prepare (compile, cache) the executable for ``descriptor`` on ``backend``
         (a :class:`Backend`, a backend name, or None for the best available).
 
-        Raises :class:`InvalidProblem` for a malformed descriptor and :class:`Unsupported`
-        when the backend cannot run it."""
+        Raises :class:`InvalidProblem` naming ``descriptor`` when it is not this plan's
+        descriptor type, or ``backend`` when it is neither a backend nor a backend's name;
+        :class:`Unsupported` when the backend cannot run the descriptor."""
         if not isinstance(descriptor, cls._descriptor_type):
             raise InvalidProblem(
                 f"descriptor: expected {cls._descriptor_type.__name__}, "
@@ -81,14 +83,20 @@ class _Plan:
         return True
 
     def run(self, args: Any, stream: Any | None = None) -> None:
-        """Validate ``args`` and run. Asynchronous on GPU backends: the results are ready
-        after ``backend.synchronize(stream)`` or ``backend.to_numpy``. On any error
-        nothing the caller owns has been written.
+        """Validate ``args`` and ``stream`` and run. Asynchronous on GPU backends: the
+        results are ready after ``backend.synchronize(stream)`` or ``backend.to_numpy``.
+        On any error nothing the caller owns has been written.
+
+        ``stream``: None, or what the backend runs on (a cuda stream, a wgpu batch); the cpu
+        backend takes only None. A stream the backend cannot use raises
+        :class:`InvalidProblem` (``"stream: expected <what>, got <type name>"``).
 
         Empty problems are valid: with M = 0 (or C_out = 0 for the linear plan) nothing is
-        computed or written; with K = 0 every row has scale 1 and ``y = bias`` (or 0)."""
+        computed or written (the arguments and the stream are still checked); with K = 0
+        every row has scale 1 and ``y = bias`` (or 0)."""
         tensors = validate.check_args(self.backend, self.descriptor, args, self._bundle,
                                       self._expected)
+        self.backend.check_stream(stream)
         if self._is_empty():
             return
         self._executable.run(tensors, stream)
@@ -139,7 +147,12 @@ def typical_plans(backend: BackendLike = None, k: int = 4096, n: int = 4096,
                   dtypes: Sequence[DType] = FLOAT_DTYPES) -> dict[str, str]:
     """What a backend runs for typical LLM shapes: ``{"M=1 K=N=4096 f16": sku}``, one entry
     per M and dtype, with ``"unsupported: <why>"`` where it cannot. Selecting compiles, so
-    this is for ``qlinear info`` and tests, not a hot path."""
+    this is for ``qlinear info`` and tests, not a hot path. ``k``, ``n`` and every M are
+    non-negative integers (:func:`qlinear.problem.check_int`): a bad one raises
+    :class:`InvalidProblem` rather than filling the table with refusals."""
+    k = check_int("k", k, 0)
+    n = check_int("n", n, 0)
+    ms = [check_int(f"ms[{i}]", m, 0) for i, m in enumerate(ms)]
     be = get_backend(backend)
     table: dict[str, str] = {}
     for m in ms:

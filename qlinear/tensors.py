@@ -60,7 +60,8 @@ class Tensor:
     Attributes:
         backend: name of the backend that owns the memory (``"cpu"``, ``"wgpu"``, ``"cuda"``).
         device: the device it lives on, e.g. ``"cpu"``, ``"wgpu:0"``, ``"cuda:0"``.
-        shape: tuple of ints.
+        shape: tuple of non-negative ints (numpy ints are converted; floats, bools and
+            negatives raise :class:`InvalidProblem`, as in ``be.empty``).
         dtype: a :class:`qlinear.DType`.
         strides: tuple, in elements (not bytes); a backend passes a non-integer stride
             for memory that is not a whole number of elements apart (never valid).
@@ -92,7 +93,11 @@ class Tensor:
         self.origin = int(data_ptr) if data_ptr is not None else int(buffer_offset or 0)
         self.backend = backend
         self.device = device
-        self.shape = tuple(map(int, shape))
+        if type(shape) is not tuple or not all(type(n) is int and n >= 0 for n in shape):
+            from .validate import check_shape  # validate imports this module
+
+            shape = check_shape(shape)
+        self.shape: tuple[int, ...] = shape
         self.dtype = dtype
         self.strides = tuple(strides)  # kept as given: a fractional stride must stay invalid
         self.handle = handle

@@ -4,15 +4,24 @@ The checks run before anything is written: a plan that raises here leaves the
 output and both scratches as they were. What each argument must be (shape, element
 type, written or read) is declared once, on its Args class (:mod:`qlinear.problem`);
 validation returns the typed bundle the executables run on.
+
+Beside the plan arguments, the checks every backend's tensor methods share live here
+too, so that one mistake gets one message on every backend: host arrays entering a
+backend (:func:`check_plain_array`, :func:`host_array`), the shape and dtype of a new
+tensor (:func:`check_shape`, :func:`check_new_tensor`) and the rows of a narrowed view
+(:func:`check_rows`).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, Union
 
-from .dtypes import DType, s8
+import numpy as np
+
+from .dtypes import DType, as_dtype, s8
 from .errors import InvalidProblem
 from .problem import (
     DynamicRangeQuantizeArgs,
@@ -22,6 +31,7 @@ from .problem import (
     QuantizedLinearDescriptor,
     QuantizeTensors,
     argument_specs,
+    check_int,
 )
 from .tensors import Tensor
 
@@ -29,7 +39,14 @@ if TYPE_CHECKING:
     from .backends.base import Backend
 
 __all__ = ["check_tensor", "check_no_alias", "check_args", "expectations", "linear_args",
-           "quantize_args"]
+           "quantize_args", "check_plain_array", "host_array", "check_shape",
+           "check_new_tensor", "check_rows"]
+
+# ndarray subclasses whose elements behave exactly as a plain array's: a memory-mapped
+# file is used in place. Any other subclass may carry meaning (a mask, matrix indexing)
+# that a kernel reading the raw memory would silently drop.
+_PLAIN_ARRAY_TYPES = (np.ndarray, np.memmap)
+_MAX_BYTES = 2**63 - 1
 
 Descriptor = Union[  # noqa: UP007 (a runtime alias on 3.10)
     QuantizedLinearDescriptor, DynamicRangeQuantizeDescriptor]
@@ -40,10 +57,14 @@ def check_tensor(backend: Backend, name: str, obj: Any, shape: Sequence[int],
                  dtype: DType) -> Tensor:
     """Wrap ``obj`` on ``backend`` and check its dtype, shape and layout.
 
-    Returns the :class:`Tensor`. Raises :class:`InvalidProblem` naming ``name``.
+    Returns the :class:`Tensor`. Raises :class:`InvalidProblem` naming ``name``; an
+    ndarray subclass is refused here, before the backend sees it, with the same message
+    on every backend.
     """
     if obj is None:
         raise InvalidProblem(f"{name}: expected a {dtype.name} tensor of shape {shape}, got None")
+    if type(obj) is not Tensor and isinstance(obj, np.ndarray):
+        check_plain_array(name, obj)
     t = backend.wrap(obj, name=name)
     if t.backend != backend.name:
         raise InvalidProblem(
@@ -137,3 +158,60 @@ def quantize_args(backend: Backend, desc: DynamicRangeQuantizeDescriptor,
                   args: DynamicRangeQuantizeArgs) -> QuantizeTensors:
     """Check activation-pass ``args`` against ``desc``; return the checked tensors."""
     return check_args(backend, desc, args, QuantizeTensors)
+
+
+# -- what every backend's tensor methods check ------------------------------------------
+
+
+def check_plain_array(name: str, obj: Any) -> None:
+    """Refuse a numpy.ndarray subclass (``np.ma.MaskedArray``, ``np.matrix``, a user's own)
+    with :class:`InvalidProblem` naming ``name``: a backend reads the raw elements, so a
+    mask or a subclass's semantics would be silently lost. ``np.memmap`` is accepted;
+    anything that is not an ndarray passes (the caller decides what else it takes)."""
+    if isinstance(obj, np.ndarray) and type(obj) not in _PLAIN_ARRAY_TYPES:
+        raise InvalidProblem(
+            f"{name}: expected an array that is not a numpy.ndarray subclass, got "
+            f"{type(obj).__name__} (its mask or semantics would be silently lost)")
+
+
+def host_array(obj: Any, name: str = "array") -> tuple[np.ndarray, DType]:
+    """What ``be.from_numpy`` copies: ``obj`` as a numpy array (anything
+    ``numpy.asarray`` takes; ndarray subclasses refused, see :func:`check_plain_array`)
+    and its :class:`DType`. Raises :class:`InvalidProblem` naming ``name``."""
+    check_plain_array(name, obj)
+    arr = np.asarray(obj)
+    return arr, as_dtype(arr.dtype, name=name)
+
+
+def check_shape(shape: Any, name: str = "shape") -> tuple[int, ...]:
+    """``shape`` as a tuple of Python ints: a sequence (tuple, list, ...; not a string)
+    whose every dimension passes :func:`qlinear.problem.check_int` as a non-negative
+    integer (numpy ints accepted; bools, floats, strings and None refused). Raises
+    :class:`InvalidProblem` naming ``name`` or ``name[i]``."""
+    if type(shape) is tuple and all(type(n) is int and n >= 0 for n in shape):
+        return shape  # the common case: already checked or straight from numpy
+    if not isinstance(shape, Sequence) or isinstance(shape, (str, bytes)):
+        raise InvalidProblem(f"{name}: expected a sequence of non-negative integers, "
+                             f"got {shape!r}")
+    return tuple(check_int(f"{name}[{i}]", n, 0) for i, n in enumerate(shape))
+
+
+def check_new_tensor(shape: Any, dtype: Any) -> tuple[tuple[int, ...], DType]:
+    """The checked ``(shape, dtype)`` of a tensor ``be.empty(shape, dtype)`` makes: the
+    shape per :func:`check_shape`, the dtype per :func:`qlinear.dtypes.as_dtype`, and at
+    most 2**63 - 1 bytes in all (beyond that no allocator can even be asked)."""
+    dims = check_shape(shape)
+    dt = as_dtype(dtype, name="dtype")
+    if math.prod(dims) * dt.itemsize > _MAX_BYTES:
+        raise InvalidProblem(
+            f"shape: expected a tensor of at most 2**63 - 1 bytes, got shape {dims} of {dt.name}")
+    return dims, dt
+
+
+def check_rows(t: Tensor, rows: Any) -> int:
+    """``rows`` as an int in ``0..t.shape[0]`` (what ``be.narrow(t, rows)`` keeps);
+    :class:`InvalidProblem` naming ``rows``, or ``tensor`` when it has no rows at all."""
+    if not t.shape:
+        raise InvalidProblem(
+            f"tensor: expected a tensor with at least one dimension, got shape {t.shape}")
+    return check_int("rows", rows, 0, t.shape[0])

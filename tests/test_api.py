@@ -237,3 +237,27 @@ def test_a_tensor_says_where_it_is_in_one_way():
     t = ql.Tensor("wgpu", "wgpu:0", (4, 2), ql.f32, (2, 1), None, "buf", buffer_offset=64)
     assert t.data_ptr is None and t.origin == 64 and t.byte_span() == (64, 96)
     assert t.view((2, 2)).byte_span() == (64, 80)
+
+
+def test_typical_plans_checks_its_integers():
+    """k, n and every M follow the one integer rule: a bad one is an error naming it, not
+    a table full of refusals; numpy integers are taken as they are."""
+    for kwargs, message in [
+            ({"k": 2.5}, "k: expected a non-negative integer, got 2.5"),
+            ({"n": True}, "n: expected a non-negative integer, got True"),
+            ({"k": -64}, "k: expected a non-negative integer, got -64"),
+            ({"ms": (1, 1.5)}, "ms[1]: expected a non-negative integer, got 1.5"),
+            ({"ms": ("16",)}, "ms[0]: expected a non-negative integer, got '16'")]:
+        with pytest.raises(ql.InvalidProblem) as exc:
+            ql.plans.typical_plans("cpu", **kwargs)
+        assert str(exc.value) == message
+    table = ql.plans.typical_plans("cpu", k=np.int64(64), n=np.int32(32), ms=(np.uint8(1),),
+                                   dtypes=(ql.f32,))
+    assert list(table) == ["M=1 K=64 N=32 f32"]
+    assert not table["M=1 K=64 N=32 f32"].startswith("unsupported")
+
+
+def test_cpu_empty_beyond_memory_is_a_device_error():
+    """A tensor the host cannot hold is a DeviceError saying so, not numpy's MemoryError."""
+    with pytest.raises(ql.DeviceError, match="allocating 4611686018427387904 bytes"):
+        ql.backend("cpu").empty((2**31, 2**31), ql.s8)

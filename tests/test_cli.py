@@ -5,8 +5,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import qlinear as ql
 from qlinear import cli
+from qlinear.backends import default_backend
 
 
 def _env():
@@ -60,11 +63,169 @@ def test_bench_check_catches_a_wrong_kernel(monkeypatch, capsys):
 
 def test_bench_arguments_go_together(capsys):
     assert cli.main(["bench", "--backend", "cpu", "--m", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--m, --k and --n go together" in err and "got only --m" in err
 
 
 def test_bench_unknown_backend_is_a_clear_error(capsys):
     assert cli.main(["bench", "--backend", "tpu"]) == 2
     assert "backend" in capsys.readouterr().err
+
+
+SMALL = ["--m", "2", "--k", "24", "--n", "8", "--min-seconds", "0", "--max-reps", "3",
+         "--no-progress"]
+
+
+def test_bench_says_which_backend_and_why(capsys):
+    """Without --backend, the first line names the backend ql.backend() picks and the
+    registry's reason; a CPU pick points at the other backends that work here."""
+    choice = default_backend()
+    assert cli.main(["bench", *SMALL]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"qlinear bench on {choice.backend.name}: {choice.reason}")
+    others = [s.name for s in ql.backend_status() if s.available and s.name != "cpu"]
+    if not choice.backend.is_gpu:
+        for name in others:
+            assert f"--backend {name}" in first and "to time it anyway" in first
+
+
+def test_bench_with_backend_says_so(capsys):
+    assert cli.main(["bench", "--backend", "cpu", *SMALL]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == f"qlinear bench on cpu: {ql.backend('cpu').device_name}, chosen with --backend"
+
+
+def test_info_marks_the_default_backend(capsys):
+    choice = default_backend()
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    marked = [line for line in out.splitlines() if line.endswith("(default)")]
+    assert marked == [f"[{choice.backend.name}] available "
+                      f"({'GPU' if choice.backend.is_gpu else 'no GPU'}) (default)"]
+    assert f"default backend: {choice.backend.name} ({choice.reason})" in out
+
+
+def test_bench_shows_the_spread_and_names_the_baselines(capsys, tmp_path):
+    out_json = tmp_path / "b.json"
+    assert cli.main(["bench", "--backend", "cpu", "--m", "1", "5", "--k", "40", "--n", "24",
+                     "--min-seconds", "0", "--max-reps", "4", "--no-progress",
+                     "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    head = out.splitlines()[1].split()
+    for col in ("min", "median", "max", "reps"):
+        assert col in head
+    assert "baseline time / qlinear time" in out and "> 1 means qlinear is faster" in out
+    assert "x float mm: numpy's float32 matmul" in out
+    rows = json.loads(out_json.read_text())["rows"]
+    for r in rows:
+        for t in ["qlinear", *r["baselines"]]:
+            assert r[f"{t}_min_ms"] <= r[f"{t}_ms"] <= r[f"{t}_max_ms"]
+            assert 1 <= r[f"{t}_reps"] <= 4
+        # One ratio direction: baseline / qlinear.
+        assert r["vs_float_matmul"] == r["float_matmul_ms"] / r["qlinear_ms"]
+        line = next(ln for ln in out.splitlines() if ln.split()[:4] == ["f32", str(r["m"]),
+                                                                        "40", "24"])
+        assert f"{r['vs_float_matmul']:.2f}" in line.split()
+        assert f"{r['qlinear_reps']}" in line.split()
+
+
+BAD = [
+    (["--m", "-1", "--k", "8", "--n", "8"], "--m: expected an integer in 1..", "-1"),
+    (["--m", "0", "--k", "8", "--n", "8"], "--m: expected an integer in 1..", "0"),
+    (["--m", "1.5", "--k", "8", "--n", "8"], "--m: expected an integer", "'1.5'"),
+    (["--m", "1", "--k", "0", "--n", "8"], "--k: expected an integer in 1..", "0"),
+    (["--m", "1", "--k", "99999999", "--n", "8"], "--k: expected an integer in 1..", "99999999"),
+    (["--m", "1", "--k", "8", "--n", "-3"], "--n: expected an integer in 1..", "-3"),
+    (["--k", "8"], "--m, --k and --n go together: expected all three", "--k"),
+    (["--max-reps", "0"], "--max-reps: expected an integer in 1..", "0"),
+    (["--min-seconds", "-1"], "--min-seconds: expected a finite number of seconds >= 0", "'-1'"),
+    (["--min-seconds", "nan"], "--min-seconds: expected a finite number", "'nan'"),
+    (["--dtype", "f8"], "--dtype: expected one of f32, f16, bf16, f64", "'f8'"),
+    (["--dtype", "float32"], "--dtype: expected one of f32, f16, bf16, f64", "'float32'"),
+    (["--dtype", "int8"], "--dtype: expected one of f32, f16, bf16, f64", "'int8'"),
+    (["--backend", "nope"], f"--backend: expected one of {', '.join(ql.backend_names())}",
+     "'nope'"),
+    (["--m"], "--m", "expected at least one argument"),
+    (["--bogus"], "unrecognized arguments", "--bogus"),
+]
+
+
+@pytest.mark.parametrize("argv,expected,got", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bench_bad_argument_is_one_line_before_any_work(argv, expected, got, capsys,
+                                                        monkeypatch):
+    def no_work(*a, **k):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(cli, "bench", no_work)
+    monkeypatch.setattr(cli, "default_backend", no_work)
+    monkeypatch.setattr(cli, "get_backend", no_work)
+    assert cli.main(["bench", *argv]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == ""
+    err = cap.err.rstrip("\n")
+    assert "\n" not in err and "Traceback" not in err, err
+    assert err.startswith("qlinear") and expected in err and got in err, err
+
+
+@pytest.mark.parametrize("command", ["bench", "info"])
+def test_unwritable_json_is_refused_before_any_work(command, capsys, monkeypatch, tmp_path):
+    def no_work(*a, **k):
+        raise AssertionError("work started before --json was checked")
+
+    monkeypatch.setattr(cli, "bench", no_work)
+    monkeypatch.setattr(cli, "default_backend", no_work)
+    monkeypatch.setattr(cli, "get_backend", no_work)
+    for path in (tmp_path / "no-such-dir" / "b.json", tmp_path):
+        assert cli.main([command, "--json", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--json: expected a" in err and str(path) in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_json_check_leaves_nothing_behind_on_failure(capsys, monkeypatch, tmp_path):
+    """The writability check creates no file, and an existing one is untouched, when the
+    run then fails (here: the backend cannot be created)."""
+    def unavailable(name):
+        raise ql.BackendUnavailable(name, "no such device here")
+
+    monkeypatch.setattr(cli, "get_backend", unavailable)
+    fresh, kept = tmp_path / "fresh.json", tmp_path / "kept.json"
+    kept.write_text("earlier figures")
+    for path in (fresh, kept):
+        assert cli.main(["bench", "--backend", "cpu", "--json", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "no such device here" in err
+    assert not fresh.exists() and kept.read_text() == "earlier figures"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json"]
+
+
+def test_version(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"qlinear {ql.__version__}\n"
+
+
+def test_help_is_plain_text(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "qlinear info" in out and "qlinear bench" in out
+    assert "``" not in out and ":mod:" not in out
+    assert cli.main(["bench", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--max-reps" in out and "``" not in out
+
+
+def test_no_command_is_one_line(capsys):
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "command" in err.lower()
+
+
+def test_main_leaves_the_environment_alone(capsys, monkeypatch):
+    """The wgpu backend looks after XDG_RUNTIME_DIR itself; the command does not set it."""
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    before = dict(os.environ)
+    assert cli.main(["bench", "--backend", "cpu", *SMALL]) == 0
+    assert dict(os.environ) == before
 
 
 def test_default_cases_fit_a_small_machine():
@@ -78,3 +239,38 @@ def test_python_dash_m_runs():
                        env=_env(), timeout=120)
     assert r.returncode == 0, r.stderr
     assert "[cpu] available" in r.stdout
+
+
+def test_time_stats_counts_every_repetition():
+    from qlinear.bench import time_stats
+
+    calls, syncs = [], []
+    t = time_stats(lambda: calls.append(1), lambda: syncs.append(1), 0.0, 5)
+    # At least 3 repetitions, at most max_reps, plus one warm-up that is not counted.
+    assert 3 <= t.reps <= 5 and len(calls) == len(syncs) == t.reps + 1
+    assert 0 <= t.min <= t.median <= t.max
+    one = time_stats(lambda: calls.append(1), lambda: None, 10.0, 1)
+    assert one.reps == 1 and one.min == one.median == one.max
+
+
+@pytest.mark.parametrize("kw,name", [({"max_reps": 0}, "max_reps"),
+                                     ({"max_reps": 2.0}, "max_reps"),
+                                     ({"max_reps": True}, "max_reps"),
+                                     ({"min_seconds": -1}, "min_seconds"),
+                                     ({"min_seconds": float("nan")}, "min_seconds"),
+                                     ({"min_seconds": "1"}, "min_seconds")])
+def test_bench_function_checks_its_timing_arguments(kw, name):
+    from qlinear.bench import bench
+
+    with pytest.raises(ql.InvalidProblem, match=f"^{name}: expected"):
+        bench(ql.backend("cpu"), [cli.BenchCase(2, 8, 4, "f32")], progress=False, **kw)
+
+
+def test_closed_pipe_is_quiet():
+    """``qlinear info | head -1``: the reader leaving early is not an error report."""
+    proc = subprocess.Popen([sys.executable, "-m", "qlinear", "info"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=_env())
+    proc.stdout.close()  # before the command has printed anything: it imports first
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert err == "", err

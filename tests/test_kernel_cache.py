@@ -246,3 +246,192 @@ def test_cuda_compiles_go_through_the_cache(tmp_path, monkeypatch):
     other = qc.compile_module(spec.source, [spec.name_expression], qc.CompileOptions("sm_86"))
     assert other.key != first.key and other.source == "compiled"
     assert len(list(Path(tmp_path, "kernels-v1").glob("*.qlk"))) == 2
+
+
+# -- entries that are not what a writer leaves: ignored and rebuilt, never a hang ------
+
+def _run_isolated(tmp_path, script: str, timeout: float = 30) -> str:
+    """Run ``script`` in a fresh interpreter limited to 2 GiB of address space, so that a
+    regression that blocks or reads without limit fails this test instead of hanging or
+    exhausting the suite. Returns its stdout."""
+    import subprocess
+    import sys
+    import textwrap
+
+    prelude = textwrap.dedent("""
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+    """)
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+           "QLINEAR_CACHE_DIR": str(tmp_path)}
+    try:
+        r = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)],
+                           capture_output=True, text=True, timeout=timeout, env=env,
+                           cwd=Path(__file__).parent)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the cache read did not return within {timeout} s")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+_REBUILD = """
+    from qlinear.kernel_cache import KernelCache, make_key
+    import test_kernel_cache as t
+
+    cache = KernelCache({directory!r})
+    key = make_key(t.PARTS)
+    assert cache.get(key) is None
+    print(cache.stats["rejected"])
+    build = t.Builder()
+    entry = cache.get_or_build(t.PARTS, build)
+    assert build.calls == 1 and entry.source == "compiled"
+"""
+
+
+def _assert_rebuilt_as_a_file(tmp_path):
+    path = KernelCache(tmp_path).path(make_key(PARTS))
+    assert path.is_file() and not path.is_symlink()
+    assert KernelCache(tmp_path).get(make_key(PARTS)).binary == payload()
+
+
+def test_fifo_entry_does_not_hang(tmp_path):
+    """Opening a FIFO for reading blocks until a writer comes: an entry path holding one
+    is ignored (and replaced by the rebuilt entry), never waited on."""
+    path = KernelCache(tmp_path).path(make_key(PARTS))
+    path.parent.mkdir(parents=True)
+    os.mkfifo(path)
+    out = _run_isolated(tmp_path, _REBUILD.format(directory=str(tmp_path)))
+    assert out.split() == ["1"]
+    _assert_rebuilt_as_a_file(tmp_path)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="no /dev/zero here")
+def test_symlink_to_an_endless_file_is_not_followed(tmp_path):
+    """A symlink to /dev/zero would be read forever: entries are regular files, never
+    followed links, and the link is replaced by the rebuilt entry (its target untouched)."""
+    path = KernelCache(tmp_path).path(make_key(PARTS))
+    path.parent.mkdir(parents=True)
+    os.symlink("/dev/zero", path)
+    out = _run_isolated(tmp_path, _REBUILD.format(directory=str(tmp_path)))
+    assert out.split() == ["1"]
+    _assert_rebuilt_as_a_file(tmp_path)
+
+
+def test_symlink_to_a_valid_entry_is_not_followed(tmp_path):
+    """Even a link to a good entry is not an entry: only regular files are read."""
+    good = KernelCache(tmp_path / "elsewhere").get_or_build(PARTS, Builder())
+    target = KernelCache(tmp_path / "elsewhere").path(good.key)
+    path = KernelCache(tmp_path).path(good.key)
+    path.parent.mkdir(parents=True)
+    os.symlink(target, path)
+    cache = KernelCache(tmp_path)
+    assert cache.get(good.key) is None and cache.stats["rejected"] == 1
+    assert target.read_bytes()  # the target is left as it was
+
+
+def test_directory_at_an_entry_path(tmp_path):
+    path = KernelCache(tmp_path).path(make_key(PARTS))
+    path.mkdir(parents=True)
+    cache = KernelCache(tmp_path)
+    build = Builder()
+    entry = cache.get_or_build(PARTS, build)
+    assert build.calls == 1 and entry.binary == payload()
+    assert cache.stats["rejected"] == 1 and cache.stats["write_errors"] == 1
+
+
+def _entry_bytes(header: bytes, binary: bytes = b"\x7fELF") -> bytes:
+    """A file in the documented format around ``header`` (any bytes), with a valid digest:
+    what a careless or hostile writer could leave."""
+    body = kc._MAGIC + kc._LEN.pack(len(header)) + header + binary
+    return body + hashlib.sha256(body).digest()
+
+
+def _header(**changes) -> bytes:
+    import json
+
+    fields = {"format": 1, "key": make_key(PARTS), "parts": PARTS, "symbols": {"k": "_Z1kv"},
+              "log": "", "size": 4} | changes
+    return json.dumps(fields).encode()
+
+
+DAMAGED_HEADERS = {
+    "deeply-nested": b"[" * 200_000 + b"]" * 200_000,
+    "deeply-nested-in-a-field": _header(log=None)[:-1] + b', "x": ' + b"[" * 200_000
+    + b"]" * 200_000 + b"}",
+    "symbols-not-strings": _header(symbols={"k": 5}),
+    "symbols-a-list": _header(symbols=["k"]),
+    "log-not-a-string": _header(log=["x"]),
+    "size-a-bool": _header(size=True),
+    "not-an-object": b"[1, 2]",
+    "not-utf8": b"\xff\xfe",
+}
+
+
+@pytest.mark.parametrize("name", DAMAGED_HEADERS)
+def test_damaged_header_is_rejected_not_raised(tmp_path, name):
+    """A file whose digest holds but whose header is not one we write (nested too deep
+    for the JSON parser, fields of the wrong types) is damaged: rejected and rebuilt."""
+    cache = KernelCache(tmp_path)
+    path = cache.path(make_key(PARTS))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(_entry_bytes(DAMAGED_HEADERS[name]))
+    assert cache.get(make_key(PARTS)) is None and cache.stats["rejected"] == 1
+    build = Builder()
+    assert cache.get_or_build(PARTS, build).binary == payload() and build.calls == 1
+    assert KernelCache(tmp_path).get(make_key(PARTS)).binary == payload()
+
+
+def test_header_that_verifies_is_loaded(tmp_path):
+    """The hand-made format of the damaged-header cases is the real one: a good header
+    in it loads (so the rejections above are for the header, not the framing)."""
+    cache = KernelCache(tmp_path)
+    path = cache.path(make_key(PARTS))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(_entry_bytes(_header()))
+    entry = cache.get(make_key(PARTS))
+    assert entry is not None and entry.binary == b"\x7fELF" and entry.source == "disk"
+
+
+def test_entry_beyond_the_size_cap_is_not_read(tmp_path, monkeypatch):
+    """Entries are bounded: a file larger than the cap is refused without being read
+    into memory (and a binary that large is kept in memory only)."""
+    big = payload(3, 64 << 10)
+    cache = KernelCache(tmp_path)
+    entry = cache.get_or_build(PARTS, Builder(big))
+    monkeypatch.setattr(kc, "_MAX_ENTRY", 32 << 10)
+    fresh = KernelCache(tmp_path)
+    assert fresh.get(entry.key) is None and fresh.stats["rejected"] == 1
+    other = {**PARTS, "arch": "sm_75"}
+    KernelCache(tmp_path).get_or_build(other, Builder(big))
+    assert not KernelCache(tmp_path).path(make_key(other)).exists()
+
+
+def _leftover(folder: Path, key: str, age_s: float) -> Path:
+    """A temporary file as a writer killed between create and rename leaves it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    p = folder / f".{key[:16]}.{os.getpid()}abc.tmp"
+    p.write_bytes(b"half an entry")
+    t = time.time() - age_s
+    os.utime(p, (t, t))
+    return p
+
+
+def test_stale_temporary_files_are_removed(tmp_path):
+    """A killed writer's temporary file does not stay forever: one older than
+    ``_STALE_TMP_S`` goes when the cache is next opened or written; a fresh one (a live
+    writer's) and files that are not ours are left alone."""
+    folder = tmp_path / "kernels-v1"
+    stale = _leftover(folder, "a" * 64, kc._STALE_TMP_S + 60)
+    fresh = _leftover(folder, "b" * 64, 0)
+    foreign = folder / "notes.tmp"
+    foreign.write_text("not the cache's")
+    os.utime(foreign, (time.time() - 3600,) * 2)
+    KernelCache(tmp_path)
+    assert not stale.exists() and fresh.exists() and foreign.exists()
+
+    cache = KernelCache(tmp_path)
+    stale = _leftover(folder, "c" * 64, kc._STALE_TMP_S + 60)
+    cache.get_or_build(PARTS, Builder())
+    assert not stale.exists() and fresh.exists()
+    assert sorted(p.name for p in folder.iterdir() if p.suffix == ".qlk") == \
+        [f"{make_key(PARTS)}.qlk"]

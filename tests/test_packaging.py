@@ -1,9 +1,13 @@
 """The wheel: built from the tree, installed into a fresh venv, imported and run there."""
 
+import email.parser
 import os
+import re
 import subprocess
 import sys
 import sysconfig
+import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -18,18 +22,42 @@ def _sh(cmd, **kw):
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-    """(python of a fresh venv holding the wheel, a working directory outside the tree)."""
+def wheel(tmp_path_factory):
+    """The wheel built from the tree."""
     pytest.importorskip("hatchling", reason="building the wheel needs hatchling (test extra)")
     tmp = tmp_path_factory.mktemp("wheel")
     _sh([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
          "-w", str(tmp / "dist"), str(ROOT)])
     wheels = list((tmp / "dist").glob("qlinear-*.whl"))
     assert len(wheels) == 1
+    return wheels[0]
+
+
+@pytest.fixture(scope="module")
+def sdist_names(tmp_path_factory):
+    """The paths in the sdist built from the tree, relative to its top folder."""
+    pytest.importorskip("hatchling", reason="building the sdist needs hatchling (test extra)")
+    tmp = tmp_path_factory.mktemp("sdist")
+    _sh([sys.executable, "-m", "hatchling", "build", "-t", "sdist", "-d", str(tmp)], cwd=ROOT)
+    (sdist,) = tmp.glob("qlinear-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        return {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+
+
+def _metadata(wheel):
+    with zipfile.ZipFile(wheel) as z:
+        name = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        return email.parser.Parser().parsestr(z.read(name).decode())
+
+
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory):
+    """(python of a fresh venv holding the wheel, a working directory outside the tree)."""
+    tmp = tmp_path_factory.mktemp("venv")
     venv = tmp / "venv"
     _sh([sys.executable, "-m", "venv", str(venv)])
     py = venv / "bin" / "python"
-    _sh([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheels[0])])
+    _sh([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)])
     # The dependencies (numpy, ml_dtypes, wgpu) come from this environment, offline; the
     # wheel's own qlinear comes first on the path.
     site = _sh([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip()
@@ -106,3 +134,52 @@ print(' '.join(ran))
 
     here = {s.name for s in ql.backend_status() if s.available}
     assert here <= set(out.split()), f"ran on {out.split()}, available here: {sorted(here)}"
+
+
+def test_wheel_ships_the_license(wheel):
+    with zipfile.ZipFile(wheel) as z:
+        licenses = [n for n in z.namelist()
+                    if re.fullmatch(r"[^/]+\.dist-info/licenses/LICENSE", n)]
+        assert len(licenses) == 1, z.namelist()
+        assert z.read(licenses[0]).decode() == (ROOT / "LICENSE").read_text()
+    meta = _metadata(wheel)
+    assert meta["License-Expression"] == "MIT"
+    assert meta.get_all("License-File") == ["LICENSE"]
+    assert "Copyright (c) 2026 the qlinear authors" in (ROOT / "LICENSE").read_text()
+
+
+def test_wheel_classifiers(wheel):
+    classifiers = set(_metadata(wheel).get_all("Classifier"))
+    for minor in (10, 11, 12, 13):
+        assert f"Programming Language :: Python :: 3.{minor}" in classifiers
+    assert "Operating System :: OS Independent" in classifiers
+    assert "Topic :: Scientific/Engineering" in classifiers
+    # The license is the SPDX License-Expression; PyPI refuses a "License ::" classifier
+    # beside it (PEP 639).
+    assert not any(c.startswith("License ::") for c in classifiers)
+
+
+def test_test_extra_does_not_pull_cuda(wheel):
+    """The test extra stays light (no 190 MB of CUDA wheels); CI adds the cuda extra."""
+    requires = _metadata(wheel).get_all("Requires-Dist")
+    test = [r for r in requires if re.search(r"extra\s*==\s*['\"]test['\"]", r)]
+    assert any(r.startswith("pytest") for r in test), requires
+    assert not any(re.match(r"(qlinear|cuda|nvidia)", r) for r in test), test
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pip install -q -e '.[test,cuda]'" in ci
+
+
+def test_sdist_ships_license_docs_examples_and_linked_files(sdist_names):
+    for name in ("LICENSE", "CHANGELOG.md", "BENCHMARKS.md", "README.md", "pyproject.toml"):
+        assert name in sdist_names
+    for folder in ("examples", "docs"):
+        tree = {p.relative_to(ROOT).as_posix() for p in (ROOT / folder).rglob("*")
+                if p.is_file() and "__pycache__" not in p.parts}
+        assert tree and tree <= sdist_names, sorted(tree - sdist_names)
+    links = re.findall(r"\]\(([^)#\s]+)", (ROOT / "README.md").read_text())
+    local = [link for link in links if "://" not in link and not link.startswith("mailto:")]
+    assert local, "the README links to files of the tree"
+    for link in local:
+        assert (ROOT / link).exists(), f"README links to {link}, which is not in the tree"
+        assert link in sdist_names or any(n.startswith(link.rstrip("/") + "/")
+                                          for n in sdist_names), link

@@ -65,3 +65,32 @@ def test_unavailable_backend_selected_is_skipped_not_passed(run):
         pytest.skip("every backend is available on this machine")
     result = run(f"--qlinear-backend={missing[0].name}")
     result.assert_outcomes(passed=1, skipped=1)
+
+
+def test_require_fails_when_a_selected_backend_is_unavailable(run):
+    """--qlinear-require turns the skip into an error: a CI job that asks for an
+    unavailable backend cannot pass having tested nothing."""
+    missing = [s for s in ql.backend_status() if not s.available]
+    if not missing:
+        pytest.skip("every backend is available on this machine")
+    s = missing[0]
+    result = run(f"--qlinear-backend={s.name}", "--qlinear-require")
+    assert result.ret != 0
+    text = result.stdout.str() + result.stderr.str()
+    assert "--qlinear-require" in text and s.name in text and s.reason in text, text
+    assert "passed" not in result.stdout.str()
+
+
+def test_require_fails_when_every_backend_is_asked_for_and_one_is_missing(run):
+    missing = [s for s in ql.backend_status() if not s.available]
+    if not missing:
+        pytest.skip("every backend is available on this machine")
+    result = run("--qlinear-require")
+    assert result.ret != 0
+    assert missing[0].reason in result.stdout.str() + result.stderr.str()
+
+
+def test_require_passes_when_the_backend_is_here(run):
+    result = run("--qlinear-backend=cpu", "--qlinear-require")
+    assert result.ret == 0
+    result.assert_outcomes(passed=2)

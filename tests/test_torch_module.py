@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip(
@@ -249,3 +250,30 @@ def test_core_does_not_import_torch():
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning")
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_k_zero_gives_the_bias(qlinear_backend, bias):
+    """K = 0 through the adapter: y is the bias broadcast, or zeros without one."""
+    lin = nn.Linear(0, 5, bias=bias)
+    if bias:
+        with torch.no_grad():
+            lin.bias.copy_(torch.randn(5))
+    q = qlt.QLinear.from_linear(lin, backend=qlinear_backend)
+    want_row = lin.bias.detach() if bias else torch.zeros(5)
+    for shape in [(3, 0), (2, 4, 0), (0,), (0, 0)]:
+        y = q(torch.empty(shape))
+        assert y.shape == (*shape[:-1], 5) and y.dtype == torch.float32
+        assert torch.equal(y, want_row.expand(y.shape)), shape
+
+
+def test_constructor_checks_sizes_now():
+    for bad in (True, 2.0, "8", -1):
+        with pytest.raises(ql.InvalidProblem, match="^in_features: expected"):
+            qlt.QLinear(bad, 4)
+    with pytest.raises(ql.InvalidProblem, match="^out_features: expected"):
+        qlt.QLinear(4, False)
+    with pytest.raises(ql.InvalidProblem, match="^k: expected at most"):
+        qlt.QLinear(ql.max_exact_k() + 1, 2)
+    assert qlt.QLinear(np.int64(4), np.int32(3)).weight_q.shape == (3, 4)

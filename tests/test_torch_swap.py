@@ -113,3 +113,87 @@ def test_bad_arguments():
         layer(torch.ones(3, 16, dtype=torch.int32))
     with pytest.raises(ql.InvalidProblem, match="torch.Tensor"):
         layer(np.ones((3, 16), np.float32))
+
+
+# -- all or nothing ----------------------------------------------------------------------------
+
+def _four_linears(third):
+    """a, b.0, b.1, c: four linears whose third (``b.1``) is ``third``."""
+    from collections import OrderedDict
+
+    torch.manual_seed(12)
+    return nn.Sequential(OrderedDict(a=nn.Linear(8, 16), b=nn.Sequential(nn.Linear(16, 16), third),
+                                     c=nn.Linear(16, 4)))
+
+
+def _nan_weight():
+    lin = nn.Linear(16, 16)
+    with torch.no_grad():
+        lin.weight[3, 5] = float("nan")
+    return lin
+
+
+def _inf_bias():
+    lin = nn.Linear(16, 16)
+    with torch.no_grad():
+        lin.bias[2] = float("inf")
+    return lin
+
+
+def _big_for_f16():
+    lin = nn.Linear(16, 16)
+    with torch.no_grad():
+        lin.weight[0, 0] = 1e7  # max |w| / 127 > 65504: no f16 scale holds it
+    return lin
+
+
+BAD_THIRD = {
+    "nan_weight": (_nan_weight, {}, ql.InvalidProblem, "weight: expected finite"),
+    "inf_bias": (_inf_bias, {}, ql.InvalidProblem, "bias: expected finite"),
+    "scale_overflows_f16": (_big_for_f16, {"dtype": torch.float16}, ql.InvalidProblem,
+                            "f16's range"),
+    "complex_dtype": (lambda: nn.Linear(16, 16, dtype=torch.complex64), {}, ql.InvalidProblem,
+                      "dtype: expected"),
+    "k_too_large": (lambda: nn.Linear(ql.max_exact_k() + 1, 16), {}, ql.InvalidProblem,
+                    "k: expected at most"),
+    "f64_on_wgpu": (lambda: nn.Linear(16, 16, dtype=torch.float64), {"backend": "wgpu"},
+                    ql.Unsupported, "f64"),
+}
+
+
+def _bits(t):
+    t = t.detach()
+    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@pytest.mark.parametrize("case", list(BAD_THIRD))
+def test_quantize_linears_is_all_or_nothing(case):
+    make, kwargs, error, match = BAD_THIRD[case]
+    if kwargs.get("backend") == "wgpu":
+        try:
+            ql.backend("wgpu")
+        except ql.BackendUnavailable as e:
+            pytest.skip(f"wgpu unavailable: {e.reason}")
+    model = _four_linears(make())
+    before = dict(model.named_modules())
+    state = {k: _bits(v).clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error) as info:
+        qlt.quantize_linears(model, **kwargs)
+    assert "module 'b.1'" in str(info.value) and match in str(info.value), str(info.value)
+    # Nothing swapped, nothing written: the same modules, the same bits.
+    assert dict(model.named_modules()) == before
+    assert all(type(m) is nn.Linear for m in (model.a, model.b[0], model.b[1], model.c))
+    after = model.state_dict()
+    assert after.keys() == state.keys()
+    for k, v in state.items():
+        assert torch.equal(_bits(after[k]), v), k
+    assert not any(isinstance(m, qlt.QLinear) for m in model.modules())
+
+
+def test_quantize_linears_after_a_fix_swaps_all():
+    model = _four_linears(_nan_weight())
+    with pytest.raises(ql.InvalidProblem):
+        qlt.quantize_linears(model)
+    with torch.no_grad():
+        model.b[1].weight[3, 5] = 0.1
+    assert qlt.quantize_linears(model) == 4

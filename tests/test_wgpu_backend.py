@@ -1,11 +1,12 @@
 """The wgpu backend's errors, caches and facts: f64 refused, no adapter, wgpu's errors
 as DeviceError, pipelines cached per device, the run cache letting go of collected
-buffers, ``info()`` and ``configured()``."""
+buffers, ``info()`` and ``configured()``, tensors of another backend object refused."""
 
+import numpy as np
 import pytest
 
 import qlinear as ql
-from qltest import random_activation, random_scale, random_weight
+from qltest import POISON, random_activation, random_scale, random_weight
 from wgpu_helpers import linear_args, select_plan, small_linear
 
 
@@ -106,3 +107,23 @@ def test_plans_keep_the_options_they_were_selected_with(wgpu_be):
     assert wgpu_be.settings() == before
     assert wgpu_be.facts.backend_type == wgpu_be.backend_type
     assert wgpu_be.facts.is_gpu == wgpu_be.is_gpu
+
+
+def test_a_tensor_of_another_backend_object_is_refused_naming_the_argument(wgpu_be, rng):
+    from qlinear.backends import wgpu as wgpu_backend
+
+    other = wgpu_backend.create()  # its own device, also called "wgpu:0"
+    assert other is not wgpu_be and other.device_id == wgpu_be.device_id
+    plan, args, x, wq, ws = small_linear(wgpu_be, rng)
+    args.activation = other.from_numpy(x)
+    with pytest.raises(ql.InvalidProblem,
+                       match=r"^activation: expected a tensor of this wgpu backend's device "
+                             r"\(.*\), got one of another backend instance"):
+        plan.run(args)
+    with pytest.raises(ql.InvalidProblem, match="activation: .*another backend instance"):
+        plan.can_implement(args)
+    assert (wgpu_be.to_numpy(args.output) == np.float32(POISON)).all()  # nothing written
+    with pytest.raises(ql.InvalidProblem, match="^tensor: .*another backend instance"):
+        wgpu_be.to_numpy(args.activation)
+    # The same tensor is at home on its own backend.
+    assert other.to_numpy(args.activation).tobytes() == x.tobytes()

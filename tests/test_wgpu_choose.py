@@ -23,11 +23,11 @@ from qlinear.backends.wgpu.options import WgpuOptions
 from qlinear.problem import DECODE_MAX_M
 
 
-def facts(is_gpu, api, features=(), invocations=1024, size=1024):
+def facts(is_gpu, api, features=(), invocations=1024, size=1024, dot4_exact=True):
     """Hand-described adapter facts: no adapter needed."""
     return AdapterFacts(is_gpu=is_gpu, backend_type=api, features=frozenset(features),
                         max_invocations_per_workgroup=invocations, max_workgroup_size_x=size,
-                        max_workgroup_size_y=size)
+                        max_workgroup_size_y=size, dot4_exact=dot4_exact)
 
 
 METAL = facts(True, "Metal", {"shader-f16"})
@@ -138,11 +138,35 @@ def test_unsupported_messages():
                       options(f16_storage="native"))
 
 
+def test_an_adapter_that_failed_the_dot4_probe_takes_the_f32_path():
+    bad = facts(True, "Vulkan", invocations=256, dot4_exact=False)
+    opts = options()
+    assert inner_product(bad, opts) == "fma"
+    why = " (f32 path: dot4I8Packed failed the probe)"
+    assert sku(512, ql.f16, bad, opts) == (
+        "wgpu.rowquant_wg256+gemm_tiled_64x64x32_r4x4_fma+f16_packed" + why)
+    assert sku(1, ql.bf16, bad, opts) == "wgpu.rowquant_wg256+gemv_m1_kl32_c8_fma+bf16_packed" + why
+    g = choose_linear(ql.QuantizedLinearDescriptor(1, 64, 64, ql.f32), bad, opts)
+    assert (g.ip, g.why) == ("fma", why[2:-1])
+    # Asking for the f32 path is no fallback: nothing to explain.
+    assert not sku(512, ql.f32, bad, options(inner_product="fma")).endswith(")")
+    # Forcing dot4 where it computes wrong numbers is refused, not obeyed.
+    with pytest.raises(ql.Unsupported, match="inner_product: .*got 'dot4'.*failed the probe"):
+        sku(512, ql.f32, bad, options(inner_product="dot4"))
+    # Where naga emulates dot4I8Packed the f32 path is the usual one: no note either.
+    metal_bad = facts(True, "Metal", {"shader-f16"}, dot4_exact=False)
+    assert sku(512, ql.f16, metal_bad, opts) == sku(512, ql.f16, METAL, opts)
+    assert AdapterFacts.from_adapter("DiscreteGPU", "Vulkan", [], {
+        "max-compute-invocations-per-workgroup": 256, "max-compute-workgroup-size-x": 256,
+        "max-compute-workgroup-size-y": 256}, dot4_exact=False) == facts(
+        True, "Vulkan", invocations=256, size=256, dot4_exact=False)
+
+
 def test_facts_from_wgpu_names():
     limits = {"max-compute-invocations-per-workgroup": 256, "max-compute-workgroup-size-x": 128,
               "max-compute-workgroup-size-y": 64}
     f = AdapterFacts.from_adapter("CPU", "Vulkan", ["shader-f16"], limits)
-    assert not f.is_gpu and f.features == {"shader-f16"}
+    assert not f.is_gpu and f.features == {"shader-f16"} and f.dot4_exact
     assert (f.max_invocations_1d, f.max_invocations_2d) == (128, 256)
     assert AdapterFacts.from_adapter("DiscreteGPU", "D3D12", [], limits).is_gpu
 

@@ -8,6 +8,10 @@ Validation, plans and the layer are shared and call only what is declared here.
 Words: an *executable* is what a plan runs (one or more device kernels and their
 launch glue, chosen and prepared for one descriptor); a *kernel* is one compiled
 device function (a WGSL entry point, a CUDA ``__global__`` function).
+
+What a caller hands a backend's tensor methods is checked by the shared functions of
+:mod:`qlinear.validate` (``check_new_tensor``, ``host_array``, ``check_rows``), so a
+mistake gets the same :class:`InvalidProblem` on every backend.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..dtypes import DType, DTypeLike
-from ..errors import InvalidProblem
 from ..tensors import Tensor, contiguous_strides
+from ..validate import check_rows
 
 if TYPE_CHECKING:
     from ..problem import DynamicRangeQuantizeDescriptor, QuantizedLinearDescriptor
@@ -88,12 +92,16 @@ class Backend(ABC):
     # -- tensors -------------------------------------------------------------------
     @abstractmethod
     def empty(self, shape: Sequence[int], dtype: DTypeLike) -> Tensor:
-        """A new tensor of ``shape`` and ``dtype`` with unspecified contents."""
+        """A new tensor of ``shape`` and ``dtype`` with unspecified contents. ``shape`` and
+        ``dtype`` go through :func:`qlinear.validate.check_new_tensor` first (a sequence of
+        non-negative integers, numpy ints accepted; a qlinear dtype)."""
 
     @abstractmethod
     def from_numpy(self, array: np.ndarray, *, readonly: bool = False) -> Tensor:
-        """A new tensor holding a copy of ``array``. ``readonly=True`` promises that
-        nobody writes it later, so the backend may keep data derived from it."""
+        """A new tensor holding a copy of ``array`` (read through
+        :func:`qlinear.validate.host_array`: ndarray subclasses such as masked arrays are
+        refused). ``readonly=True`` promises that nobody writes it later, so the backend
+        may keep data derived from it."""
 
     @abstractmethod
     def to_numpy(self, tensor: Any) -> np.ndarray:
@@ -109,14 +117,19 @@ class Backend(ABC):
         return contiguous_strides(tuple(shape))
 
     def narrow(self, tensor: Any, rows: int) -> Tensor:
-        """A view of the first ``rows`` rows of ``tensor`` (same memory, same strides)."""
+        """A view of the first ``rows`` rows of ``tensor`` (same memory, same strides).
+        ``rows``: an integer in ``0..tensor.shape[0]`` (:func:`qlinear.validate.check_rows`)."""
         t = self.wrap(tensor)
-        if not 0 <= rows <= t.shape[0]:
-            raise InvalidProblem(f"rows: expected 0..{t.shape[0]}, got {rows}")
-        return t.view((int(rows),) + t.shape[1:])
+        return t.view((check_rows(t, rows),) + t.shape[1:])
 
     def synchronize(self, stream: Any = None) -> None:  # noqa: B027 (cpu has nothing to wait for)
         """Wait until the work submitted so far (on ``stream``) has finished."""
+
+    def check_stream(self, stream: Any) -> None:  # noqa: B027 (the executables check their own)
+        """Raise :class:`InvalidProblem` (``"stream: expected <what>, got <type name>"``)
+        if ``stream`` is nothing this backend's runs can use. Plans call it on every run,
+        empty problems included, before anything is written. By default the executables
+        check the stream when they use it; a backend that can say sooner overrides this."""
 
     # -- executables ---------------------------------------------------------------
     @abstractmethod

@@ -19,6 +19,7 @@ temporaries stay bounded.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..dtypes import DType, DTypeLike, as_dtype, f64
-from ..errors import InvalidProblem
+from ..errors import DeviceError, InvalidProblem
 from ..problem import (
     DynamicRangeQuantizeDescriptor,
     LinearTensors,
@@ -34,6 +35,7 @@ from ..problem import (
     QuantizeTensors,
 )
 from ..tensors import Tensor
+from ..validate import check_new_tensor, check_plain_array, check_rows, host_array
 from .base import Backend, Executable, PrecisionGuarantee
 
 __all__ = ["CpuBackend", "create", "quantize_rows", "int_matmul", "dequantize"]
@@ -220,14 +222,20 @@ class CpuBackend(Backend):
                       data_ptr=arr.__array_interface__["data"][0], readonly=readonly)
 
     def empty(self, shape: Sequence[int], dtype: DTypeLike) -> Tensor:
-        """A new uninitialised host tensor."""
-        dtype = as_dtype(dtype)
-        return self._tensor(np.empty(tuple(shape), dtype.numpy), dtype)
+        """A new uninitialised host tensor (:class:`DeviceError` when the host cannot
+        allocate it)."""
+        dims, dt = check_new_tensor(shape, dtype)
+        try:
+            arr = np.empty(dims, dt.numpy)
+        except (MemoryError, ValueError) as e:
+            raise DeviceError(f"allocating {math.prod(dims) * dt.itemsize} bytes on the host "
+                              "failed (out of memory?)", native=str(e)) from None
+        return self._tensor(arr, dt)
 
     def from_numpy(self, array: np.ndarray, *, readonly: bool = False) -> Tensor:
         """A host tensor holding a copy of ``array`` (read-only if ``readonly``)."""
-        arr = np.array(array, copy=True, order="C")
-        dtype = as_dtype(arr.dtype, name="array")
+        src, dtype = host_array(array)
+        arr = np.array(src, copy=True, order="C")
         if readonly:
             arr.flags.writeable = False
         return self._tensor(arr, dtype, readonly)
@@ -237,12 +245,15 @@ class CpuBackend(Backend):
         return np.array(self.wrap(tensor).handle, copy=True)
 
     def wrap(self, obj: Any, *, name: str = "tensor") -> Tensor:
-        """A cpu Tensor for a numpy array (no copy) or an existing Tensor."""
+        """A cpu Tensor for a numpy array (no copy; ndarray subclasses other than
+        ``np.memmap`` are refused, see :func:`qlinear.validate.check_plain_array`) or an
+        existing Tensor."""
         if isinstance(obj, Tensor):
             return obj
         if not isinstance(obj, np.ndarray):
             raise InvalidProblem(
                 f"{name}: expected a numpy array or a qlinear cpu tensor, got {type(obj).__name__}")
+        check_plain_array(name, obj)
         try:
             dtype = as_dtype(obj.dtype)
         except InvalidProblem:
@@ -251,11 +262,15 @@ class CpuBackend(Backend):
         return self._tensor(obj, dtype, not obj.flags.writeable)
 
     def narrow(self, tensor: Any, rows: int) -> Tensor:
-        """The first ``rows`` rows of ``tensor``."""
+        """The first ``rows`` rows of ``tensor`` (an integer in ``0..tensor.shape[0]``)."""
         t = self.wrap(tensor)
-        if not 0 <= rows <= t.shape[0]:
-            raise InvalidProblem(f"rows: expected 0..{t.shape[0]}, got {rows}")
-        return self._tensor(t.handle[:rows], t.dtype, t.readonly)
+        return self._tensor(t.handle[:check_rows(t, rows)], t.dtype, t.readonly)
+
+    def check_stream(self, stream: Any) -> None:
+        """The cpu backend runs synchronously on the calling thread: only None is a stream."""
+        if stream is not None:
+            raise InvalidProblem(
+                f"stream: expected None on the cpu backend, got {type(stream).__name__}")
 
     def linear_executable(self, desc: QuantizedLinearDescriptor) -> Executable:
         """The cpu linear executable: rowquant, exact chunked BLAS, dequant."""

@@ -11,7 +11,7 @@ import numpy as np
 from ..backends import Backend
 from ..dtypes import DType, f64
 
-__all__ = ["float_matmul"]
+__all__ = ["float_matmul", "float_matmul_detail"]
 
 Runner = Callable[[], Any]
 
@@ -31,7 +31,14 @@ def _wgsl_matmul(be: Backend, m: int, k: int, n: int, dtype: DType) -> Runner | 
     return wgsl(be, m, k, n, dtype)  # type: ignore[arg-type]
 
 
-# Backend name -> the baseline on its device. cuda's is torch's matmul (a peer).
+# Backend name -> the baseline on its device, and what it is in words (the table's footer
+# names it, since "x float mm" means a different matmul on each backend). cuda has none
+# of its own: torch's matmul on the GPU is its baseline, as a peer.
+_DETAILS = {
+    "cpu": "numpy's float32 matmul (numpy.matmul; f16 and bf16 run in float32, f64 in float64)",
+    "wgpu": "qlinear's own WGSL f32 tiled matmul on the same adapter (f32 for every dtype; "
+            "untuned)",
+}
 _BASELINES: dict[str, Callable[[Backend, int, int, int, DType], Runner | None]] = {
     "cpu": _numpy_matmul,
     "wgpu": _wgsl_matmul,
@@ -44,3 +51,8 @@ def float_matmul(be: Backend, m: int, k: int, n: int, dtype: DType) -> Runner | 
     has no such baseline or the shape exceeds its limits."""
     make = _BASELINES.get(be.name)
     return None if make is None else make(be, m, k, n, dtype)
+
+
+def float_matmul_detail(be: Backend) -> str:
+    """What :func:`float_matmul` runs on ``be``, in words; "" where it has no baseline."""
+    return _DETAILS.get(be.name, "")

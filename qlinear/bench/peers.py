@@ -100,8 +100,8 @@ def torch_peers(m: int, k: int, n: int, dtype: DTypeLike,
         (acc.to(ct) * scale.to(ct) * w_scale.to(ct) + bias.to(ct)).to(tdt)
         wait()
     return {TORCH_MATMUL: Peer(matmul, f"torch.matmul {tdt} on {dev}"),
-            TORCH_W8A8: Peer(w8a8, f"torch W8A8 {tdt} on {dev}: per-token quant, "
-                                   f"{int_detail}, dequant + bias")}
+            TORCH_W8A8: Peer(w8a8, f"torch's int8 W8A8 composition, {tdt} on {dev}: "
+                                   f"per-token quant, {int_detail}, dequant + bias")}
 
 
 def _int8_gemm(torch: Any, dev: Any, m: int, k: int, n: int,

@@ -1,9 +1,11 @@
 """``qlinear bench``'s loop: for each case, check the plan against the exact reference,
 then time it beside the backend's floating-point matmul and, where installed, the
-torch peers; and the text table of the results."""
+torch peers. Every timing keeps its spread (min / median / max and repetitions); every
+ratio is baseline time / qlinear time, so > 1 means qlinear is faster."""
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -12,16 +14,19 @@ import numpy as np
 
 from ..backends import Backend
 from ..dtypes import s8
-from ..errors import Unsupported
+from ..errors import InvalidProblem, Unsupported
 from ..layer import quantize_weight
 from ..plans import QuantizedLinearPlan
-from ..problem import QuantizedLinearArgs, QuantizedLinearDescriptor
+from ..problem import QuantizedLinearArgs, QuantizedLinearDescriptor, check_int
 from ..reference import reference_linear
-from .baselines import float_matmul
+from .baselines import float_matmul, float_matmul_detail
 from .cases import BenchCase
-from .timing import median_time
+from .timing import time_stats
 
-__all__ = ["bench", "check_plan", "format_table"]
+__all__ = ["bench", "check_plan", "check_timing", "FLOAT_MATMUL"]
+
+#: Key of the floating-point matmul on the backend's own device in a bench row.
+FLOAT_MATMUL = "float_matmul"
 
 # Rows checked exactly against the reference when checking every row costs too much.
 _CHECK_ROWS = 8
@@ -62,10 +67,26 @@ def _peers(be: Backend, case: BenchCase) -> dict[str, Any]:
         return {}
 
 
+def check_timing(min_seconds: Any, max_reps: Any) -> tuple[float, int]:
+    """``(min_seconds, max_reps)`` checked: a finite number of seconds >= 0 and an integer
+    >= 1; :class:`InvalidProblem` naming the argument otherwise."""
+    if isinstance(min_seconds, bool) or not isinstance(min_seconds, (int, float)) \
+            or not math.isfinite(min_seconds) or min_seconds < 0:
+        raise InvalidProblem(f"min_seconds: expected a finite number of seconds >= 0, "
+                             f"got {min_seconds!r}")
+    return float(min_seconds), check_int("max_reps", max_reps, 1)
+
+
 def bench(be: Backend, cases: Sequence[BenchCase], *, min_seconds: float = 0.3,
           max_reps: int = 50, progress: bool = True,
           rng: np.random.Generator | None = None) -> list[dict[str, Any]]:
-    """Check and time every case on ``be``; return one dict per case."""
+    """Check and time every case on ``be``; return one dict per case.
+
+    Each timing ``T`` (``qlinear``, ``float_matmul``, each peer) gives ``T_ms`` (the
+    median), ``T_min_ms``, ``T_max_ms`` and ``T_reps``; each baseline ``B`` gives
+    ``vs_B`` = B's median time / qlinear's median time (> 1: qlinear is faster) and its
+    description in ``row["baselines"][B]``."""
+    min_seconds, max_reps = check_timing(min_seconds, max_reps)
     rng = rng or np.random.default_rng(0)
     rows: list[dict[str, Any]] = []
     bar: Any = None
@@ -90,16 +111,16 @@ def _bench_case(be: Backend, case: BenchCase, rng: np.random.Generator, min_seco
     m, k, n, dt = case
     row: dict[str, Any] = {"backend": be.name, "device": be.device_name, "m": m, "k": k,
                            "n": n, "dtype": dt.name}
-    x = (rng.standard_normal((m, k)) * 3).astype(dt.numpy)
-    w = rng.standard_normal((n, k)).astype(np.float32)
-    wq, ws = quantize_weight(w, dtype=dt)
-    bias = rng.standard_normal(n).astype(dt.numpy)
     desc = QuantizedLinearDescriptor(m=m, c_out=n, k=k, dtype=dt)
     try:
         plan = QuantizedLinearPlan.select(be, desc)
     except Unsupported as e:
         row.update(check=f"unsupported: {e}")
         return row
+    x = (rng.standard_normal((m, k)) * 3).astype(dt.numpy)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    wq, ws = quantize_weight(w, dtype=dt)
+    bias = rng.standard_normal(n).astype(dt.numpy)
     args = QuantizedLinearArgs(
         activation=be.from_numpy(x), weight_q=be.from_numpy(wq, readonly=True),
         weight_scale=be.from_numpy(ws, readonly=True), output=be.empty((m, n), dt),
@@ -107,36 +128,19 @@ def _bench_case(be: Backend, case: BenchCase, rng: np.random.Generator, min_seco
         bias=be.from_numpy(bias, readonly=True))
     row["sku"] = plan.sku
     row["check"] = check_plan(be, plan, args, x, wq, ws, bias, rng)
-    t = median_time(lambda: plan.run(args), be.synchronize, min_seconds, max_reps)
-    row["qlinear_ms"] = t * 1e3
-    row["tops"] = desc.ops / t / 1e12
+    t = time_stats(lambda: plan.run(args), be.synchronize, min_seconds, max_reps)
+    row.update(t.as_ms("qlinear"))
+    row["tops"] = desc.ops / t.median / 1e12
+    details: dict[str, str] = {}
+    baselines: list[tuple[str, Any, str]] = []
     fm = float_matmul(be, m, k, n, dt)
     if fm is not None:
-        tf = median_time(fm, lambda: None, min_seconds, max_reps)
-        row["float_matmul_ms"] = tf * 1e3
-        row["vs_float_matmul"] = tf / t
-    for name, fn in _peers(be, case).items():
-        tp = median_time(fn, lambda: None, min_seconds, max_reps)
-        row[f"{name}_ms"] = tp * 1e3
-        row[f"vs_{name}"] = tp / t
+        baselines.append((FLOAT_MATMUL, fm, float_matmul_detail(be)))
+    baselines += [(name, fn, getattr(fn, "detail", name)) for name, fn in _peers(be, case).items()]
+    for name, fn, detail in baselines:
+        tb = time_stats(fn, lambda: None, min_seconds, max_reps)
+        row.update(tb.as_ms(name))
+        row[f"vs_{name}"] = tb.median / t.median
+        details[name] = detail
+    row["baselines"] = details
     return row
-
-
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A fixed-width text table of bench rows."""
-    peer_cols = sorted({key for r in rows for key in r if key.startswith("vs_")
-                        and key != "vs_float_matmul"})
-    head = ["dtype", "M", "K", "N", "check", "time ms", "TOPS", "x float mm"] + \
-        [f"x {c[3:]}" for c in peer_cols] + ["sku"]
-    lines = []
-    for r in rows:
-        def fmt(key: str, spec: str, r: dict[str, Any] = r) -> str:
-            return format(r[key], spec) if key in r else "-"
-        lines.append([r["dtype"], str(r["m"]), str(r["k"]), str(r["n"]), r.get("check", "-"),
-                      fmt("qlinear_ms", ".3f"), fmt("tops", ".4f"), fmt("vs_float_matmul", ".2f")]
-                     + [fmt(c, ".2f") for c in peer_cols] + [r.get("sku", "-")])
-    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
-              for i, h in enumerate(head)]
-    out = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
-    out += ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines]
-    return "\n".join(out)

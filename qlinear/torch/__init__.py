@@ -33,10 +33,15 @@ machine with few cores, limit one of them (``OPENBLAS_NUM_THREADS=1`` or
 ``torch.set_num_threads(1)``), or a model mixing float and W8A8 layers runs several
 times slower than either alone.
 
+Compilers: under ``torch.compile`` and ``torch.export`` each QLinear call is one opaque
+operator, ``torch.ops.qlinear.linear`` (:mod:`qlinear.torch.ops`), so a compiled model gives
+the eager result bit for bit; ``torch.jit.trace`` raises :class:`qlinear.Unsupported`
+(the call leaves torch, so a trace would replay a constant).
+
 Limits: inference only (a backward pass through a :class:`QLinear` raises
-:class:`qlinear.Unsupported`); not traceable by ``torch.compile``/TorchScript (the call
-leaves torch); one :class:`QLinear` serialises its calls (its scratch is shared), and on
-CUDA, calls on different streams must be ordered by the caller for the same reason.
+:class:`qlinear.Unsupported`); one :class:`QLinear` serialises its calls (its scratch is
+shared), and on CUDA, calls on different streams must be ordered by the caller for the
+same reason.
 
 Only this module imports torch; the qlinear core never does.
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
@@ -13,6 +14,9 @@ from ..backends import backend as _get_backend
 from ..dtypes import DTypeLike
 from ..errors import InvalidProblem, Unsupported
 from ..layer import QuantizedLinear, quantize_weight
+from ..plans import QuantizedLinearPlan
+from ..problem import QuantizedLinearDescriptor, check_int
+from . import ops
 from .convert import _TO_QL, _TO_TORCH, qlinear_dtype, to_numpy_view, torch_dtype
 from .convert import from_numpy as _from_numpy
 from .convert import host_copy as _host_copy
@@ -30,10 +34,28 @@ class _InferenceOnly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
-        raise Unsupported(
-            "QLinear: backward is not supported (W8A8 layers are inference-only); "
-            "run the model under torch.no_grad()/torch.inference_mode(), or keep the "
-            "layers you train as nn.Linear (quantize_linears(..., skip=...))")
+        raise Unsupported(ops.BACKWARD_MESSAGE)
+
+
+_TRACE_MESSAGE = (
+    "QLinear: torch.jit.trace cannot record a W8A8 call (it runs outside torch, so the "
+    "trace would replay a constant); use torch.compile or torch.export, which call it "
+    "as the operator torch.ops.qlinear.linear, or run the model eagerly")
+
+
+def _check_input(x: Any, in_features: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise InvalidProblem(f"input: expected a torch.Tensor, got {type(x).__name__}")
+    if x.is_nested or x.layout != torch.strided:
+        raise InvalidProblem(
+            f"input: expected a dense strided tensor, got a "
+            f"{'nested' if x.is_nested else str(x.layout)} one")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise InvalidProblem(
+            f"input: expected shape [..., {in_features}], got {list(x.shape)}")
+    if x.dtype not in _TO_QL:
+        raise InvalidProblem(
+            f"input: expected dtype float32, float16, bfloat16 or float64, got {x.dtype}")
 
 
 class QLinear(nn.Module):
@@ -75,12 +97,17 @@ class QLinear(nn.Module):
                  backend: None | str | Backend = None):
         super().__init__()
         tdt = torch_dtype(dtype)
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
+        self.in_features = check_int("in_features", in_features, 0)
+        self.out_features = check_int("out_features", out_features, 0)
         self.q_min, self.q_max = -127, 127
+        # K's exactness bound, now rather than at the first call.
+        desc = QuantizedLinearDescriptor(0, self.out_features, self.in_features,
+                                         qlinear_dtype(tdt), self.q_min, self.q_max)
         self.backend = backend.name if isinstance(backend, Backend) else backend
         if self.backend is not None:
-            _get_backend(self.backend)  # fail now, with the reason, not at the first call
+            # Fail now, with the reason, not at the first call: the backend, and whether
+            # it runs this dtype.
+            QuantizedLinearPlan.select(_get_backend(self.backend), desc)
         self.register_buffer("weight_q", torch.zeros(
             (self.out_features, self.in_features), dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(
@@ -94,11 +121,13 @@ class QLinear(nn.Module):
         self._layers: dict[tuple[torch.dtype, torch.device], QuantizedLinear] = {}
         self._layers_key: Any = None
         self._lock = threading.Lock()
+        self._op_key = ops.register(self)  # names this module to torch.ops.qlinear.linear
 
     def __getstate__(self) -> dict[str, Any]:
-        # Backend layers hold device memory and the lock is not copyable: rebuild both.
+        # Backend layers hold device memory and the lock is not copyable: rebuild both;
+        # a copy is another module, with its own operator key.
         state = self.__dict__.copy()
-        for name in ("_layers", "_layers_key", "_lock"):
+        for name in ("_layers", "_layers_key", "_lock", "_op_key"):
             state.pop(name, None)
         return state
 
@@ -124,6 +153,11 @@ class QLinear(nn.Module):
             if linear.bias is not None:
                 assert q.bias is not None
                 q.bias.copy_(linear.bias.detach().to(q.bias.dtype))
+                if not bool(torch.isfinite(q.bias).all()):
+                    bad = int(torch.nonzero(~torch.isfinite(q.bias))[0, 0])
+                    raise InvalidProblem(
+                        f"bias: expected finite values within {q.bias.dtype}'s range, got "
+                        f"{linear.bias[bad].item()} at index {bad}")
         q.train(linear.training)
         return q
 
@@ -190,21 +224,27 @@ class QLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``y[..., out_features]`` for ``x[..., in_features]`` (f32, f16, bf16; f64 where
-        the backend runs it), of ``x``'s dtype and on ``x``'s device."""
-        if not isinstance(x, torch.Tensor):
-            raise InvalidProblem(f"input: expected a torch.Tensor, got {type(x).__name__}")
-        if x.is_nested or x.layout != torch.strided:
-            raise InvalidProblem(
-                f"input: expected a dense strided tensor, got a "
-                f"{'nested' if x.is_nested else str(x.layout)} one")
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise InvalidProblem(
-                f"input: expected shape [..., {self.in_features}], got {list(x.shape)}")
-        if x.dtype not in _TO_QL:
-            raise InvalidProblem(
-                f"input: expected dtype float32, float16, bfloat16 or float64, got {x.dtype}")
+        the backend runs it), of ``x``'s dtype and on ``x``'s device.
+
+        Under ``torch.compile``/``torch.export`` the call is the operator
+        ``torch.ops.qlinear.linear`` (same result, bit for bit); ``torch.jit.trace``
+        raises :class:`qlinear.Unsupported`, as its trace would replay a constant."""
+        if torch.jit.is_tracing():
+            raise Unsupported(_TRACE_MESSAGE)
+        _check_input(x, self.in_features)
+        if ops.is_compiling():
+            return ops.linear(x, self._op_key)
+        y = self.run_eager(x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            y = _InferenceOnly.apply(x, y)
+        return y
+
+    def run_eager(self, x: torch.Tensor) -> torch.Tensor:
+        """The call itself, on a checked ``x``: no autograd, no compiler (what the
+        operator runs)."""
         lead = x.shape[:-1]
-        x2 = x.detach().reshape(-1, self.in_features)
+        # M from the leading dims, not reshape(-1, K): -1 is ambiguous when K = 0.
+        x2 = x.detach().reshape(math.prod(lead), self.in_features)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         with self._lock:
@@ -212,8 +252,6 @@ class QLinear(nn.Module):
             if layer is None or self._buffers_key() != self._layers_key:
                 layer = self.backend_layer(x.dtype, x.device)
             y = self._run(layer, x2)
-        if torch.is_grad_enabled() and x.requires_grad:
-            y = _InferenceOnly.apply(x, y)
         return y.reshape(*lead, self.out_features)
 
     def _run(self, layer: QuantizedLinear, x2: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from torch import nn
 from ..backends import Backend
 from ..backends import backend as _get_backend
 from ..dtypes import DTypeLike
-from ..errors import InvalidProblem
+from ..errors import InvalidProblem, QlinearError
 from .convert import qlinear_dtype
 from .module import QLinear
 
@@ -73,6 +73,15 @@ def _leave_fast_paths(root: nn.Module, swapped: set) -> None:
                 mod.use_nested_tensor = False
 
 
+def _naming(e: QlinearError, name: str) -> QlinearError:
+    """``e`` again, of the same type, with the module's qualified name in front."""
+    text = f"module {name!r} (nothing was swapped): {e}"
+    try:
+        return type(e)(text)
+    except TypeError:  # an error type whose constructor takes more than the message
+        return InvalidProblem(text)
+
+
 def quantize_linears(module: nn.Module, backend: None | str | Backend = None, *,
                      skip: SkipFilter = None, dtype: DTypeLike | torch.dtype | None = None) -> int:
     """Replace, in place, every ``nn.Linear`` inside ``module`` by a :class:`QLinear`;
@@ -94,6 +103,11 @@ def quantize_linears(module: nn.Module, backend: None | str | Backend = None, *,
     reads its weight directly, as torchao also notes) and subclasses of ``nn.Linear`` that
     override ``forward``. Where a linear inside ``nn.TransformerEncoderLayer`` is swapped,
     that layer's fused inference fast path is turned off so that the QLinear is called.
+
+    All or nothing: every QLinear is built (weights quantized, shapes, dtypes and the
+    backend checked) before any is put in place, so when one linear cannot be quantized
+    the model is left exactly as it was, and the error (of the type the failure raised)
+    names the module.
     """
     if not isinstance(module, nn.Module):
         raise InvalidProblem(f"module: expected a torch.nn.Module, got {type(module).__name__}")
@@ -110,14 +124,23 @@ def quantize_linears(module: nn.Module, backend: None | str | Backend = None, *,
     # a shared linear becomes one shared QLinear, replaced everywhere it is used.
     todo = [name for name, mod in module.named_modules(remove_duplicate=False)
             if _swappable(mod) and not should_skip(name, mod)]
+    # Build every QLinear first and swap only when all of them could be built, so that
+    # a failure leaves the model exactly as it was.
     made: dict = {}
+    swaps = []
     for name in todo:
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         linear = getattr(parent, attr)
         q = made.get(id(linear))
         if q is None:
-            q = made[id(linear)] = QLinear.from_linear(linear, backend=backend, dtype=dtype)
+            try:
+                q = QLinear.from_linear(linear, backend=backend, dtype=dtype)
+            except QlinearError as e:
+                raise _naming(e, name) from e
+            made[id(linear)] = q
+        swaps.append((parent, attr, q))
+    for parent, attr, q in swaps:
         setattr(parent, attr, q)
     if made:
         _leave_fast_paths(module, {id(q) for q in made.values()})

@@ -10,11 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from ...dtypes import DType, DTypeLike, as_dtype
+from ...dtypes import DType, DTypeLike
 from ...errors import BackendUnavailable, DeviceError, InvalidProblem, Unsupported
 from ...kernel_cache import KernelCache
 from ...problem import DynamicRangeQuantizeDescriptor, QuantizedLinearDescriptor
 from ...tensors import Tensor, contiguous_strides, host_view
+from ...validate import check_new_tensor, host_array
 from ..base import Backend
 from .compile import CompileOptions, compile_module, device_arch, nvrtc_version
 from .driver import cu_check, driver_version, find_driver, pointer_device
@@ -82,6 +83,13 @@ class CudaBackend(Backend):
         ``Stream``, a raw ``CUstream`` handle (int), or any object with ``__cuda_stream__``
         or a ``cuda_stream`` handle attribute (torch, CuPy). Never creates a stream."""
         return self._streams.get(stream)
+
+    def check_stream(self, stream: Any) -> None:
+        """Raise :class:`InvalidProblem` (``"stream: expected None, a cuda.core Stream, ...,
+        got <type name>"``) unless :meth:`stream` can use ``stream``; plans call it on every
+        run, empty problems included."""
+        if stream is not None:
+            self._streams.get(stream)
 
     def synchronize(self, stream: Any = None) -> None:
         """Wait for ``stream`` (None: all work on the device) to finish."""
@@ -177,9 +185,10 @@ class CudaBackend(Backend):
                       data_ptr=int(ptr), owner=owner, readonly=readonly)
 
     def empty(self, shape: Sequence[int], dtype: DTypeLike) -> Tensor:
-        """A new device tensor (a cuda.core ``Buffer`` from the device's memory resource)."""
-        dt = as_dtype(dtype)
-        shape = tuple(int(s) for s in shape)
+        """A new device tensor (a cuda.core ``Buffer`` from the device's memory resource).
+        ``shape`` and ``dtype`` are checked by :func:`qlinear.validate.check_new_tensor`
+        before the device is touched."""
+        shape, dt = check_new_tensor(shape, dtype)
         nbytes = math.prod(shape) * dt.itemsize
         dev = self._current()
         try:
@@ -190,9 +199,10 @@ class CudaBackend(Backend):
         return self._tensor(shape, dt, int(buf.handle), buf)
 
     def from_numpy(self, array: np.ndarray, *, readonly: bool = False) -> Tensor:
-        """A device tensor holding a copy of ``array`` (copied before this returns)."""
-        arr = np.ascontiguousarray(array)
-        dtype = as_dtype(arr.dtype, name="array")
+        """A device tensor holding a copy of ``array`` (copied before this returns).
+        ndarray subclasses are refused (:func:`qlinear.validate.host_array`)."""
+        src, dtype = host_array(array)
+        arr = np.ascontiguousarray(src)
         t = self.empty(arr.shape, dtype)
         if arr.nbytes:
             from cuda.bindings import driver

@@ -8,7 +8,9 @@ chosen by shape and adapter, and named in ``plan.sku``: for decode shapes
 once; else ``gemm_dot4.wgsl`` (dot4I8Packed, 8 x 8 register tiles in 128 x 128 blocks
 for M > 64, 4 x 4 in 64 x 64 blocks below), or ``gemm_f32.wgsl`` (exact f32
 multiply-adds over K-chunks of 1024) on Metal and GL, where naga emulates
-dot4I8Packed. Tiles shrink to fit the adapter's workgroup memory.
+dot4I8Packed, and on adapters whose dot4I8Packed failed the probe (a tiny kernel,
+``shaders/dot4_probe.wgsl``, run on first use of a backend object; the sku and
+``qlinear info`` say so). Tiles shrink to fit the adapter's workgroup memory.
 ``be.configured(...)`` overrides these choices (tests run every variant on lavapipe).
 
 Numbers are the cpu backend's bit for bit: every rounding the contract names is
@@ -22,7 +24,13 @@ Streams: ``plan.run(args)`` encodes and submits at once; ``plan.run(args,
 stream=b)`` with ``b`` from ``be.batch()`` encodes into ``b``, and everything
 encoded is submitted once, when the ``with`` block ends (or at ``b.submit()``);
 ``stream`` may also be a ``wgpu.GPUCommandEncoder`` that the caller finishes and
-submits. ``be.to_numpy`` and ``be.synchronize`` submit open batches and wait.
+submits. ``be.to_numpy`` and ``be.synchronize`` submit the calling thread's open
+batches and wait.
+
+Threads: one backend (and one plan or layer) may be used by many threads at once. A
+batch belongs to the thread that opened it; the shader cache and each plan's run cache
+take a lock (one uncontended lock per run); ``be.configured`` applies to its thread.
+Creating a backend prints nothing (``quiet``).
 
 Modules, one concept each (a module only imports those above it, but for type names):
 
@@ -35,11 +43,13 @@ Modules, one concept each (a module only imports those above it, but for type na
 ``shaders``       WGSL composition (:func:`shader_source`) and the per-device caches of
                   shader modules, bind group layouts and pipelines.
 ``device``        :class:`WgpuDevice`: the opened device, wgpu errors as DeviceError,
-                  buffers, open batches, timestamps.
+                  buffers, each thread's open batches, timestamps.
 ``dispatch``      dispatch planning under the adapter's limits: binding sub-ranges,
                   parameter blocks, bind groups, and the per-tensor-set run cache.
 ``streams``       :class:`Batch` and encoding into None / a batch / a command encoder.
 ``executables``   what plans run, built from the choosers, dispatch and shader modules.
+``probe``         the dot4I8Packed probe: edge values against numpy's answers.
+``quiet``         adapter creation without window-system errors or driver log noise.
 ``tensors``       the buffer layout of tensors (padded s8 rows), uploads and read-backs.
 ``backend``       :class:`WgpuBackend` and :func:`create`.
 """

@@ -1,9 +1,16 @@
-"""The wgpu :class:`Backend`: the adapter's facts, tensors on ``wgpu.GPUBuffer`` s,
-synchronisation, the options plans are made with, and ``create()``."""
+"""The wgpu :class:`Backend`: the adapter's facts (the dot4 probe's verdict among them),
+tensors on ``wgpu.GPUBuffer`` s, synchronisation, the options plans are made with, and
+``create()``.
+
+One backend object may be used from many threads: its caches are locked, batches belong
+to the thread that opened them, and :meth:`WgpuBackend.configured` applies to the
+calling thread."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -13,14 +20,17 @@ from ...dtypes import DTypeLike, as_dtype
 from ...errors import BackendUnavailable, InvalidProblem
 from ...problem import DynamicRangeQuantizeDescriptor, QuantizedLinearDescriptor
 from ...tensors import Tensor, host_view
+from ...validate import check_new_tensor, host_array
 from .. import install_hint
 from ..base import Backend
 from .choose import AdapterFacts, f16_native, inner_product
 from .device import WgpuDevice, round_up
 from .executables import LinearExecutable, QuantizeExecutable
 from .options import WgpuOptions
+from .probe import Dot4Probe, probe_dot4
+from .quiet import quiet_creation
 from .shaders import shader_source
-from .streams import Batch
+from .streams import Batch, check_stream
 from .tensors import (
     buffer_strides,
     check_shape,
@@ -37,8 +47,9 @@ class WgpuBackend(Backend):
 
     Attributes beside :class:`Backend`'s: ``adapter``, ``device`` (wgpu's objects),
     ``adapter_info``, ``adapter_type``, ``backend_type``, ``features``, ``limits``,
-    ``facts`` (:class:`AdapterFacts`), ``options`` (:class:`WgpuOptions`, see
-    :meth:`configured`) and ``gpu`` (:class:`WgpuDevice`)."""
+    ``facts`` (:class:`AdapterFacts`; the first use runs the dot4 probe, whose verdict is
+    ``dot4_probe``), ``options`` (:class:`WgpuOptions`, see :meth:`configured`) and
+    ``gpu`` (:class:`WgpuDevice`)."""
 
     name = "wgpu"
 
@@ -53,14 +64,47 @@ class WgpuBackend(Backend):
         self.device_id = "wgpu:0"
         self.features = frozenset(str(f) for f in device.features)
         self.limits = {k: device.limits[k] for k in device.limits}
-        self.facts = AdapterFacts.from_adapter(self.adapter_type, self.backend_type,
-                                               self.features, self.limits)
+        # Before the probe: what wgpu reports. The probe runs when facts are first needed
+        # (a plan, info()), so that creating a backend only to look at it stays cheap.
+        self._reported = AdapterFacts.from_adapter(self.adapter_type, self.backend_type,
+                                                   self.features, self.limits)
+        self._facts: AdapterFacts | None = None
+        self._dot4: Dot4Probe | None = None
+        self._probe_lock = threading.Lock()
         # lavapipe and other software adapters report "CPU": no GPU in this machine.
-        self.is_gpu = self.facts.is_gpu
-        self.options = WgpuOptions.from_limits(self.limits)
+        self.is_gpu = self._reported.is_gpu
+        self._options = WgpuOptions.from_limits(self.limits)
+        self._configured = threading.local()  # each thread's configured() options
         self.gpu = WgpuDevice(wgpu_module, device, self.limits)
 
     # -- facts ---------------------------------------------------------------------
+    @property
+    def facts(self) -> AdapterFacts:
+        """The adapter's facts as the choosers see them, ``dot4_exact`` as the dot4 probe
+        found it (the first call runs the probe: one tiny kernel)."""
+        facts = self._facts
+        if facts is None:
+            with self._probe_lock:
+                if self._facts is None:
+                    self._dot4 = probe_dot4(self.gpu)
+                    self._facts = dataclasses.replace(self._reported,
+                                                      dot4_exact=self._dot4.exact)
+                facts = self._facts
+        return facts
+
+    @property
+    def dot4_probe(self) -> Dot4Probe:
+        """What the dot4I8Packed probe found on this adapter (runs it if not yet run)."""
+        self.facts  # noqa: B018 (runs the probe once)
+        assert self._dot4 is not None
+        return self._dot4
+
+    @property
+    def options(self) -> WgpuOptions:
+        """The options plans are selected with: this thread's :meth:`configured` block's,
+        else the device's defaults."""
+        return getattr(self._configured, "options", None) or self._options
+
     @property
     def device_name(self) -> str:
         """The adapter, its driver API and its type (e.g. lavapipe is "Vulkan, CPU")."""
@@ -82,6 +126,7 @@ class WgpuBackend(Backend):
                        if k.startswith(("max-compute", "max-storage-buffer", "max-buffer",
                                         "min-storage", "max-uniform-buffer-binding"))},
             "inner_product": inner_product(self.facts, self.options),
+            "dot4_probe": self.dot4_probe.describe(),
             "f16_storage": f16_native(self.facts, self.options) and "native" or "packed",
         }
 
@@ -91,18 +136,18 @@ class WgpuBackend(Backend):
 
     @contextlib.contextmanager
     def configured(self, **settings: Any) -> Iterator[WgpuBackend]:
-        """Temporarily change how plans selected inside the block are made, for tests and
-        experiments; restored on exit. Keys: the fields of :class:`WgpuOptions`
-        (``inner_product``, ``f16_storage``, ``quantize_exact_only``, ``tile``, and the
-        limits ``max_storage_binding``, ``max_workgroups_per_dim``,
+        """Temporarily change how plans selected inside the block, by the calling thread,
+        are made, for tests and experiments; restored on exit. Keys: the fields of
+        :class:`WgpuOptions` (``inner_product``, ``f16_storage``, ``quantize_exact_only``,
+        ``tile``, and the limits ``max_storage_binding``, ``max_workgroups_per_dim``,
         ``max_workgroup_storage``); an unknown key or a value out of range raises
         :class:`InvalidProblem`. Plans keep the options they were selected with."""
-        old = self.options
-        self.options = old.replaced(**settings)
+        old = getattr(self._configured, "options", None)
+        self._configured.options = self.options.replaced(**settings)
         try:
             yield self
         finally:
-            self.options = old
+            self._configured.options = old
 
     def cache_info(self) -> dict[str, int]:
         """How many shader modules, pipelines and layouts this device has compiled and cached."""
@@ -121,17 +166,17 @@ class WgpuBackend(Backend):
                       buffer_offset=offset, owner=buf, readonly=readonly)
 
     def empty(self, shape: Sequence[int], dtype: DTypeLike) -> Tensor:
-        """A new device tensor (zero-filled, as WebGPU buffers are; s8 row pads included)."""
-        dt = as_dtype(dtype)
-        dims = check_shape(shape)
+        """A new device tensor (zero-filled, as WebGPU buffers are; s8 row pads included).
+        ``shape`` and ``dtype`` are checked by :func:`qlinear.validate.check_new_tensor`."""
+        dims, dt = check_new_tensor(shape, dtype)
         _, nbytes = tensor_layout(dims, dt)
         return self._tensor(self.gpu.buffer(nbytes, "qlinear tensor"), dims, dt)
 
     def from_numpy(self, array: np.ndarray, *, readonly: bool = False) -> Tensor:
         """A device tensor holding a copy of ``array`` (s8 matrices padded with zero bytes).
-        ``readonly=True`` marks it read-only: plans refuse to write it."""
-        arr = np.asarray(array)
-        dtype = as_dtype(arr.dtype, name="array")
+        ``readonly=True`` marks it read-only: plans refuse to write it. ndarray subclasses
+        are refused (:func:`qlinear.validate.host_array`)."""
+        arr, dtype = host_array(array)
         shape = tuple(arr.shape)
         _, nbytes = tensor_layout(shape, dtype)
         buf = self.gpu.buffer(nbytes, "qlinear tensor")
@@ -142,7 +187,8 @@ class WgpuBackend(Backend):
         return self._tensor(buf, shape, dtype, readonly=readonly)
 
     def to_numpy(self, tensor: Any) -> np.ndarray:
-        """A host copy of ``tensor``; submits open batches and waits for the work before it."""
+        """A host copy of ``tensor``; submits the calling thread's open batches and waits for
+        the work submitted before."""
         t = self.wrap(tensor, name="tensor")
         if t.backend != self.name:
             raise InvalidProblem(
@@ -160,9 +206,17 @@ class WgpuBackend(Backend):
         return host_view(np.frombuffer(data, np.uint8), t, a0)
 
     def wrap(self, obj: Any, *, name: str = "tensor") -> Tensor:
-        """Return a qlinear :class:`Tensor` as is (validation then checks its backend);
-        anything else is refused: wrap a ``wgpu.GPUBuffer`` with :meth:`wrap_buffer`."""
+        """Return a qlinear :class:`Tensor` as is (validation then checks its backend), unless
+        it is a wgpu tensor of another backend object's device (each ``create()`` opens its
+        own device; its buffers cannot be bound here); anything else is refused: wrap a
+        ``wgpu.GPUBuffer`` with :meth:`wrap_buffer`."""
         if isinstance(obj, Tensor):
+            if obj.backend == "wgpu" and getattr(obj.handle, "_device", self.device) \
+                    is not self.device:
+                raise InvalidProblem(
+                    f"{name}: expected a tensor of this wgpu backend's device "
+                    f"({self.device_name}), got one of another backend instance's device "
+                    "(tensors belong to the backend object that made them)")
             return obj
         raise InvalidProblem(
             f"{name}: expected a qlinear wgpu tensor (be.empty, be.from_numpy, be.wrap_buffer), "
@@ -215,8 +269,14 @@ class WgpuBackend(Backend):
         """Nanoseconds per timestamp tick (1.0 where wgpu does not say)."""
         return self.gpu.timestamp_period_ns
 
+    def check_stream(self, stream: Any) -> None:
+        """None, an open batch of this backend on this thread, or a
+        ``wgpu.GPUCommandEncoder``; :class:`InvalidProblem` otherwise."""
+        check_stream(self, stream)
+
     def synchronize(self, stream: Any = None) -> None:
-        """Submit open batches and wait until all submitted work has finished."""
+        """Submit the calling thread's open batches and wait until all submitted work (of
+        every thread) has finished."""
         self.gpu.flush_batches()
         self.gpu.wait()
 
@@ -249,6 +309,11 @@ def create() -> WgpuBackend:
         import wgpu
     except ImportError as e:
         raise BackendUnavailable("wgpu", f"cannot import wgpu ({e})", hint) from None
+    with quiet_creation():
+        return _open(wgpu, hint)
+
+
+def _open(wgpu: Any, hint: str) -> WgpuBackend:
     try:
         adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
     except Exception as e:  # wgpu raises RuntimeError or its own errors, by version

@@ -15,13 +15,16 @@ from ...problem import DECODE_MAX_M, DynamicRangeQuantizeDescriptor, QuantizedLi
 from .options import WgpuOptions
 
 __all__ = ["AdapterFacts", "Storage", "QuantChoice", "GemvChoice", "TiledChoice", "LinearChoice",
-           "choose_quant", "choose_linear", "choose_storage", "inner_product", "f16_native",
-           "quantize_sku", "linear_sku"]
+           "choose_quant", "choose_linear", "choose_storage", "inner_product",
+           "inner_product_why", "f16_native", "quantize_sku", "linear_sku", "DOT4_FAILED"]
 
 # Adapter types that are GPUs; software adapters (lavapipe) report "CPU".
 _GPU_TYPES = ("DiscreteGPU", "IntegratedGPU", "VirtualGPU")
 # TIN_KIND of elem_words.wgsl.
 _TIN_KIND = {"f32": 0, "f16": 1, "bf16": 2}
+#: Why a plan takes the f32 path on an adapter whose dot4I8Packed failed the probe
+#: (``AdapterFacts.dot4_exact`` False): said in its sku.
+DOT4_FAILED = "f32 path: dot4I8Packed failed the probe"
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class AdapterFacts:
         backend_type: the driver API wgpu runs on: "Vulkan", "Metal", "D3D12", "OpenGL".
         features: the device features (``"shader-f16"``, ...).
         max_invocations_per_workgroup, max_workgroup_size_x, max_workgroup_size_y: limits.
+        dot4_exact: False where the adapter got ``dot4I8Packed`` wrong on the probe's edge
+            values (:mod:`qlinear.backends.wgpu.probe`): its plans take the f32 path.
     """
 
     is_gpu: bool
@@ -41,16 +46,19 @@ class AdapterFacts:
     max_invocations_per_workgroup: int
     max_workgroup_size_x: int
     max_workgroup_size_y: int
+    dot4_exact: bool = True
 
     @classmethod
     def from_adapter(cls, adapter_type: str, backend_type: str, features: Iterable[str],
-                     limits: Mapping[str, Any]) -> AdapterFacts:
-        """The facts of an adapter as wgpu reports them (its ``info`` and device limits)."""
+                     limits: Mapping[str, Any], dot4_exact: bool = True) -> AdapterFacts:
+        """The facts of an adapter as wgpu reports them (its ``info`` and device limits)
+        and as the dot4 probe found it."""
         return cls(is_gpu=adapter_type in _GPU_TYPES, backend_type=backend_type,
                    features=frozenset(features),
                    max_invocations_per_workgroup=int(limits["max-compute-invocations-per-workgroup"]),
                    max_workgroup_size_x=int(limits["max-compute-workgroup-size-x"]),
-                   max_workgroup_size_y=int(limits["max-compute-workgroup-size-y"]))
+                   max_workgroup_size_y=int(limits["max-compute-workgroup-size-y"]),
+                   dot4_exact=bool(dot4_exact))
 
     @property
     def max_invocations_1d(self) -> int:
@@ -111,6 +119,8 @@ class GemvChoice:
     kl: int
     cg: int
     big_acc: bool
+    #: Why the inner product is not the adapter's usual one ("" when it is), for the sku.
+    why: str = ""
 
     family = "gemv"
     entry = "main"
@@ -150,6 +160,8 @@ class TiledChoice:
     tile: int
     bk: int
     big_acc: bool
+    #: Why the inner product is not the adapter's usual one ("" when it is), for the sku.
+    why: str = ""
 
     splits_rows = True
 
@@ -190,11 +202,24 @@ LinearChoice = GemvChoice | TiledChoice
 
 
 def inner_product(facts: AdapterFacts, options: WgpuOptions) -> str:
-    """"dot4" or "fma": the option, else dot4I8Packed unless naga emulates it."""
+    """"dot4" or "fma": the option, else dot4I8Packed unless naga emulates it or the
+    adapter failed the dot4 probe."""
+    return inner_product_why(facts, options)[0]
+
+
+def inner_product_why(facts: AdapterFacts, options: WgpuOptions) -> tuple[str, str]:
+    """(:func:`inner_product`, why the f32 path is taken where dot4 would be usual: ""
+    or :data:`DOT4_FAILED`). Forcing "dot4" on an adapter that failed the probe raises
+    :class:`Unsupported`: its answers would be wrong."""
+    if options.inner_product == "dot4" and not facts.dot4_exact:
+        raise Unsupported("inner_product: expected 'fma' or None on this adapter, got 'dot4' "
+                          "(its dot4I8Packed failed the probe: it computes wrong dot products)")
     if options.inner_product:
-        return options.inner_product
+        return options.inner_product, ""
     # naga lowers dot4I8Packed to scalar shifts and multiplies for MSL and GLSL.
-    return "fma" if facts.backend_type in ("Metal", "OpenGL") else "dot4"
+    if facts.backend_type in ("Metal", "OpenGL"):
+        return "fma", ""
+    return ("dot4", "") if facts.dot4_exact else ("fma", DOT4_FAILED)
 
 
 def f16_native(facts: AdapterFacts, options: WgpuOptions) -> bool:
@@ -239,16 +264,16 @@ def choose_linear(desc: QuantizedLinearDescriptor, facts: AdapterFacts,
     """The GEMM for ``desc``: the small-M kernel for decode shapes, else the tiled GEMM
     with the largest tile that fits the adapter's workgroup limits."""
     storage = choose_storage(desc.dtype, facts, options)
-    ip = inner_product(facts, options)
+    ip, why = inner_product_why(facts, options)
     # |acc| <= K * 128 * 128: below 2^24 every int32 -> f32 conversion is exact.
     big_acc = desc.k * 128 * max(-desc.q_min, desc.q_max) > 2**24
     if desc.is_decode:
-        return _choose_gemv(desc, facts, options, storage, ip, big_acc)
-    return _choose_tiled(desc, facts, options, storage, ip, big_acc)
+        return _choose_gemv(desc, facts, options, storage, ip, big_acc, why)
+    return _choose_tiled(desc, facts, options, storage, ip, big_acc, why)
 
 
 def _choose_gemv(desc: QuantizedLinearDescriptor, facts: AdapterFacts, options: WgpuOptions,
-                 storage: Storage, ip: str, big_acc: bool) -> GemvChoice:
+                 storage: Storage, ip: str, big_acc: bool, why: str) -> GemvChoice:
     wg_mem = options.max_workgroup_storage
     inv = facts.max_invocations_2d
     # 32 lanes along K read a weight row coalesced on a GPU; on a CPU adapter
@@ -265,11 +290,11 @@ def _choose_gemv(desc: QuantizedLinearDescriptor, facts: AdapterFacts, options: 
         raise Unsupported(
             f"workgroup memory: the small-M kernel needs {mem(kl)} bytes and {kl * cg} "
             f"invocations, the adapter allows {wg_mem} bytes and {inv}")
-    return GemvChoice(storage, ip, desc.m, kl, cg, big_acc)
+    return GemvChoice(storage, ip, desc.m, kl, cg, big_acc, why)
 
 
 def _choose_tiled(desc: QuantizedLinearDescriptor, facts: AdapterFacts, options: WgpuOptions,
-                  storage: Storage, ip: str, big_acc: bool) -> TiledChoice:
+                  storage: Storage, ip: str, big_acc: bool, why: str) -> TiledChoice:
     wg_mem = options.max_workgroup_storage
     inv = facts.max_invocations_2d
     word = 16 if ip == "fma" else 4  # bytes per staged word: vec4<f32> or u32
@@ -291,7 +316,7 @@ def _choose_tiled(desc: QuantizedLinearDescriptor, facts: AdapterFacts, options:
             mem = bk * 2 * block * word
             tried.append(f"{block}x{block}x{bk * 4}: {mem} B")
             if mem <= wg_mem:
-                return TiledChoice(storage, ip, block, tile, bk, big_acc)
+                return TiledChoice(storage, ip, block, tile, bk, big_acc, why)
     raise Unsupported(
         f"workgroup memory: no GEMM tile fits the adapter's limit of {wg_mem} bytes and "
         f"{inv} invocations per workgroup (tried {', '.join(tried)})")
@@ -303,5 +328,7 @@ def quantize_sku(q: QuantChoice) -> str:
 
 
 def linear_sku(q: QuantChoice, c: LinearChoice) -> str:
-    """The sku of a linear plan: its activation pass, its GEMM, its TIn storage."""
-    return f"wgpu.{q.name}+{c.name}+{c.storage.tag}"
+    """The sku of a linear plan: its activation pass, its GEMM, its TIn storage, and why
+    its inner product is not the adapter's usual one, where it is not."""
+    sku = f"wgpu.{q.name}+{c.name}+{c.storage.tag}"
+    return f"{sku} ({c.why})" if c.why else sku

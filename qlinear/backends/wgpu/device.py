@@ -1,10 +1,15 @@
 """One opened wgpu device as the kernel machinery uses it: the device and its queue,
-wgpu's errors turned into :class:`DeviceError`, buffers, the batches still open on it,
-and its shader cache."""
+wgpu's errors turned into :class:`DeviceError`, buffers, the batches each thread has
+open on it, and its shader cache.
+
+wgpu's device and queue may be used from any thread; what qlinear keeps beside them is
+either per thread (open batches) or locked (the shader cache, each executable's run
+cache)."""
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +35,6 @@ class WgpuDevice:
         device: the ``wgpu.GPUDevice``.
         align: the storage-buffer offset alignment, in bytes.
         dummy: a 16-byte buffer bound where a kernel's optional tensor is absent.
-        open_batches: the batches inside their ``with`` block, submitted before a read.
         shaders: the device's shader modules, layouts and pipelines.
     """
 
@@ -40,8 +44,20 @@ class WgpuDevice:
         self.align = max(4, int(limits["min-storage-buffer-offset-alignment"]))
         self.dummy = device.create_buffer(size=16, usage=self.storage_usage,
                                           label="qlinear dummy")
-        self.open_batches: list[Batch] = []
+        # Each thread's batches inside their ``with`` block: a thread's read submits its
+        # own, never one another thread is still encoding into.
+        self._threads = threading.local()
         self.shaders = ShaderCache(self)
+
+    @property
+    def open_batches(self) -> list[Batch]:
+        """The calling thread's batches inside their ``with`` block (innermost last)."""
+        try:
+            return self._threads.batches
+        except AttributeError:
+            batches: list[Batch] = []
+            self._threads.batches = batches
+            return batches
 
     @contextlib.contextmanager
     def guard(self, what: str) -> Iterator[None]:
@@ -67,7 +83,8 @@ class WgpuDevice:
                                              usage=self.storage_usage, label=label)
 
     def flush_batches(self) -> None:
-        """Submit what the open batches have encoded, so that later reads see it."""
+        """Submit what the calling thread's open batches have encoded, so that its later
+        reads see it. Other threads' batches are theirs to submit."""
         for b in list(self.open_batches):
             b.submit()
 

@@ -9,8 +9,9 @@ offset alignment, and its ``*_base`` parameters locate the block's first element
 
 from __future__ import annotations
 
+import threading
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -56,30 +57,40 @@ class RunCache:
 
     It holds no Python reference to the buffers: the entries of a buffer are dropped
     when it is collected (so an id is never reused while cached, and the bind groups,
-    which keep the native buffer alive, go with it). One finalizer per buffer."""
+    which keep the native buffer alive, go with it). One finalizer per buffer.
+
+    Safe to share between threads (plans are): every lookup takes one lock. A buffer's
+    finalizer, which the garbage collector may run on any thread, even inside a lookup,
+    only notes the buffer's id; the next lookup drops its entries before anything else,
+    so before its id can be looked up again."""
 
     def __init__(self) -> None:
         self.entries: OrderedDict[Hashable, Dispatches] = OrderedDict()
         self._watched: dict[int, set] = {}  # id(buffer) -> keys of the entries that bind it
+        self._collected: deque[int] = deque()  # ids of collected buffers, not yet dropped
+        self._lock = threading.Lock()
 
     def lookup(self, buffers: Sequence[Any], key: tuple[tuple[int, Any], ...],
                build: Callable[[], Dispatches]) -> Dispatches:
         """The entry of ``key``, made by ``build()`` on first use; ``buffers`` are the
         buffers it binds, whose collection drops it."""
-        d = self.entries.get(key)
-        if d is not None:
-            self.entries.move_to_end(key)
+        with self._lock:
+            while self._collected:
+                self._forget(self._collected.popleft())
+            d = self.entries.get(key)
+            if d is not None:
+                self.entries.move_to_end(key)
+                return d
+            d = self.entries[key] = build()
+            for buf in buffers:
+                keys = self._watched.get(id(buf))
+                if keys is None:
+                    keys = self._watched[id(buf)] = set()
+                    weakref.finalize(buf, _collected, weakref.ref(self), id(buf))
+                keys.add(key)
+            while len(self.entries) > _RUN_CACHE:
+                self._drop(next(iter(self.entries)))
             return d
-        d = self.entries[key] = build()
-        for buf in buffers:
-            keys = self._watched.get(id(buf))
-            if keys is None:
-                keys = self._watched[id(buf)] = set()
-                weakref.finalize(buf, _forget_buffer, weakref.ref(self), id(buf))
-            keys.add(key)
-        while len(self.entries) > _RUN_CACHE:
-            self._drop(next(iter(self.entries)))
-        return d
 
     def _drop(self, key: Any) -> None:
         self.entries.pop(key, None)
@@ -88,19 +99,27 @@ class RunCache:
             if keys is not None:
                 keys.discard(key)
 
-    def forget(self, bid: int) -> None:
-        """Drop the entries that bind the buffer whose id was ``bid``."""
+    def _forget(self, bid: int) -> None:
         for key in list(self._watched.pop(bid, ())):
             self._drop(key)
 
+    def forget(self, bid: int) -> None:
+        """Drop the entries that bind the buffer whose id was ``bid``."""
+        with self._lock:
+            self._forget(bid)
+
     def __len__(self) -> int:
-        return len(self.entries)
+        with self._lock:
+            while self._collected:
+                self._forget(self._collected.popleft())
+            return len(self.entries)
 
 
-def _forget_buffer(ref: weakref.ref, bid: int) -> None:
+def _collected(ref: weakref.ref, bid: int) -> None:
+    # A deque append is atomic: no lock here, so a collection inside a lookup cannot deadlock.
     cache = ref()
     if cache is not None:
-        cache.forget(bid)
+        cache._collected.append(bid)
 
 
 def binding_room(gpu: WgpuDevice, options: WgpuOptions) -> int:

@@ -10,6 +10,7 @@ WGSL f16), ``common.wgsl``, and for the GEMM families the bindings and epilogue
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -24,13 +25,14 @@ __all__ = ["shader_source", "ShaderCache", "FAMILY_LAYOUT"]
 
 #: The bind group layout of each kernel family.
 FAMILY_LAYOUT = {"rowquant": "quant", "gemm_dot4": "linear", "gemm_f32": "linear",
-                 "gemv": "linear", "matmul_f32": "matmul", "micro": "micro"}
+                 "gemv": "linear", "matmul_f32": "matmul", "micro": "micro",
+                 "dot4_probe": "micro"}
 # The files composed after the prelude and common.wgsl, before the family's own.
 _FAMILY_PARTS = {"rowquant": (), "gemv": ("linear_io.wgsl",),
                  "gemm_dot4": ("linear_io.wgsl", "gemm_tiles.wgsl"),
                  "gemm_f32": ("linear_io.wgsl", "gemm_tiles.wgsl")}
 # Families that stand alone: no TIn, no shared numerics.
-_STANDALONE = ("matmul_f32", "micro")
+_STANDALONE = ("matmul_f32", "micro", "dot4_probe")
 
 
 def shader_source(family: str, elem: str = "words") -> str:
@@ -49,39 +51,52 @@ def shader_source(family: str, elem: str = "words") -> str:
 class ShaderCache:
     """The shader modules (by source text), bind group layouts (by layout name) and
     compute pipelines (by family, prelude, entry point and override constants) of one
-    device: a plan selected twice, or for another shape, reuses them."""
+    device: a plan selected twice, or for another shape, reuses them.
+
+    Shared by every thread: a hit is one dict lookup; a miss creates the object under a
+    lock, so two threads selecting the same plan at once compile it once."""
 
     def __init__(self, gpu: WgpuDevice):
         self.gpu = gpu
         self.modules: dict[str, Any] = {}
         self.layouts: dict[str, tuple[Any, Any]] = {}
         self.pipelines: dict[tuple, Any] = {}
+        # Re-entrant: a pipeline's creation asks for its module and layout.
+        self._lock = threading.RLock()
 
     def compile(self, source: str, label: str = "qlinear") -> Any:
         """The shader module of WGSL ``source``. A compile error raises
         :class:`DeviceError` carrying the compiler's log."""
         mod = self.modules.get(source)
         if mod is None:
-            with self.gpu.guard(f"compiling WGSL module {label!r}"):
-                mod = self.gpu.device.create_shader_module(label=label, code=source)
-            self.modules[source] = mod
+            with self._lock:
+                mod = self.modules.get(source)
+                if mod is None:
+                    with self.gpu.guard(f"compiling WGSL module {label!r}"):
+                        mod = self.gpu.device.create_shader_module(label=label, code=source)
+                    self.modules[source] = mod
         return mod
 
     def layout(self, layout: Layout) -> tuple[Any, Any]:
         """(bind group layout, pipeline layout) of ``layout``."""
         lay = self.layouts.get(layout.name)
         if lay is None:
-            gpu = self.gpu
-            stage = gpu.wgpu.ShaderStage.COMPUTE
-            entries = [{"binding": b, "visibility": stage, "buffer": {"type": "storage"}}
-                       for b in sorted(layout.storage.values())]
-            if layout.params is not None:
-                entries.append({"binding": PARAMS_BINDING, "visibility": stage,
-                                "buffer": {"type": "uniform"}})
-            with gpu.guard("creating a pipeline layout"):
-                bgl = gpu.device.create_bind_group_layout(entries=entries)
-                pl = gpu.device.create_pipeline_layout(bind_group_layouts=[bgl])
-            lay = self.layouts[layout.name] = (bgl, pl)
+            with self._lock:
+                lay = self.layouts.get(layout.name) or self._new_layout(layout)
+        return lay
+
+    def _new_layout(self, layout: Layout) -> tuple[Any, Any]:
+        gpu = self.gpu
+        stage = gpu.wgpu.ShaderStage.COMPUTE
+        entries = [{"binding": b, "visibility": stage, "buffer": {"type": "storage"}}
+                   for b in sorted(layout.storage.values())]
+        if layout.params is not None:
+            entries.append({"binding": PARAMS_BINDING, "visibility": stage,
+                            "buffer": {"type": "uniform"}})
+        with gpu.guard("creating a pipeline layout"):
+            bgl = gpu.device.create_bind_group_layout(entries=entries)
+            pl = gpu.device.create_pipeline_layout(bind_group_layouts=[bgl])
+        lay = self.layouts[layout.name] = (bgl, pl)
         return lay
 
     def pipeline(self, family: str, elem: str, constants: Mapping[str, int],
@@ -91,14 +106,21 @@ class ShaderCache:
         key = (family, elem, entry, tuple(sorted(constants.items())))
         pipe = self.pipelines.get(key)
         if pipe is None:
-            module = self.compile(shader_source(family, elem), label=family)
-            _, layout = self.layout(LAYOUTS[FAMILY_LAYOUT[family]])
-            with self.gpu.guard(f"creating the {family} pipeline"):
-                pipe = self.gpu.device.create_compute_pipeline(
-                    layout=layout, label=family,
-                    compute={"module": module, "entry_point": entry,
-                             "constants": {k: float(v) for k, v in constants.items()}})
-            self.pipelines[key] = pipe
+            with self._lock:
+                pipe = self.pipelines.get(key) or self._new_pipeline(key, family, elem,
+                                                                      constants, entry)
+        return pipe
+
+    def _new_pipeline(self, key: tuple, family: str, elem: str, constants: Mapping[str, int],
+                      entry: str) -> Any:
+        module = self.compile(shader_source(family, elem), label=family)
+        _, layout = self.layout(LAYOUTS[FAMILY_LAYOUT[family]])
+        with self.gpu.guard(f"creating the {family} pipeline"):
+            pipe = self.gpu.device.create_compute_pipeline(
+                layout=layout, label=family,
+                compute={"module": module, "entry_point": entry,
+                         "constants": {k: float(v) for k, v in constants.items()}})
+        self.pipelines[key] = pipe
         return pipe
 
     def info(self) -> dict[str, int]:

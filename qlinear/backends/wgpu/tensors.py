@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from ... import validate
 from ...dtypes import DType, s8
-from ...errors import InvalidProblem
 from ...tensors import Tensor, contiguous_strides
 from .device import round_up
 
@@ -35,15 +35,9 @@ def tensor_layout(shape: tuple[int, ...], dtype: DType) -> tuple[tuple[int, ...]
 
 
 def check_shape(shape: Any, name: str = "shape") -> tuple[int, ...]:
-    """``shape`` as a tuple of ints; :class:`InvalidProblem` unless non-negative integers."""
-    try:
-        out = tuple(int(n) for n in shape)
-        ok = all(int(n) == n and n >= 0 for n in shape)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise InvalidProblem(f"{name}: expected a tuple of non-negative integers, got {shape!r}")
-    return out
+    """``shape`` as a tuple of ints; :class:`InvalidProblem` unless a sequence of
+    non-negative integers: :func:`qlinear.validate.check_shape`, the rule of every backend."""
+    return validate.check_shape(shape, name)
 
 
 def upload_bytes(arr: np.ndarray, dtype: DType, nbytes: int) -> np.ndarray:
