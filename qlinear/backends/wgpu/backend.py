@@ -24,7 +24,7 @@ from ...validate import check_new_tensor, host_array
 from .. import install_hint
 from ..base import Backend
 from .choose import AdapterFacts, f16_native, inner_product
-from .device import WgpuDevice, round_up
+from .device import WgpuDevice
 from .executables import LinearExecutable, QuantizeExecutable
 from .options import WgpuOptions
 from .probe import Dot4Probe, probe_dot4
@@ -33,11 +33,11 @@ from .shaders import shader_source
 from .streams import Batch, check_stream
 from .tensors import (
     buffer_strides,
+    check_buffer_view,
     check_shape,
     read_span,
     tensor_layout,
     upload_bytes,
-    usage_names,
 )
 
 __all__ = ["WgpuBackend", "create"]
@@ -230,26 +230,12 @@ class WgpuBackend(Backend):
         ``to_numpy``); ``offset`` must be a multiple of 4; the layout is
         :meth:`expected_strides` (s8 rows padded to 4 bytes), and the buffer must hold it
         up to a 4-byte boundary. Raises :class:`InvalidProblem` otherwise."""
-        if not isinstance(buffer, self._wgpu.GPUBuffer):
-            raise InvalidProblem(f"buffer: expected a wgpu.GPUBuffer, got {type(buffer).__name__}")
+        dt = as_dtype(dtype)
+        dims = check_shape(shape)
+        check_buffer_view(self._wgpu, buffer, dims, dt, offset)
         if getattr(buffer, "_device", self.device) is not self.device:
             raise InvalidProblem("buffer: expected a buffer of this backend's device "
                                  f"({self.device_name}), got one of another device")
-        dt = as_dtype(dtype)
-        dims = check_shape(shape)
-        if not buffer.usage & self._wgpu.BufferUsage.STORAGE:
-            raise InvalidProblem("buffer: expected usage flags including STORAGE, got "
-                                 f"{usage_names(self._wgpu, buffer.usage)}")
-        if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
-            raise InvalidProblem(f"offset: expected a non-negative integer, got {offset!r}")
-        if offset % 4:
-            raise InvalidProblem(f"offset: expected a multiple of 4 bytes, got {offset}")
-        _, nbytes = tensor_layout(dims, dt)
-        need = round_up(int(offset) + nbytes, 4)
-        if need > buffer.size:
-            raise InvalidProblem(
-                f"buffer: expected at least {need} bytes for a {dt.name} tensor of shape "
-                f"{dims} at offset {offset}, got a buffer of {buffer.size} bytes")
         return self._tensor(buffer, dims, dt, int(offset), readonly=readonly)
 
     # -- streams -------------------------------------------------------------------
@@ -269,10 +255,7 @@ class WgpuBackend(Backend):
         """Nanoseconds per timestamp tick (1.0 where wgpu does not say)."""
         return self.gpu.timestamp_period_ns
 
-    def check_stream(self, stream: Any) -> None:
-        """None, an open batch of this backend on this thread, or a
-        ``wgpu.GPUCommandEncoder``; :class:`InvalidProblem` otherwise."""
-        check_stream(self, stream)
+    check_stream = check_stream  # None, an open batch of this thread, or an encoder
 
     def synchronize(self, stream: Any = None) -> None:
         """Submit the calling thread's open batches and wait until all submitted work (of

@@ -12,11 +12,13 @@ import numpy as np
 
 from ... import validate
 from ...dtypes import DType, s8
+from ...errors import InvalidProblem
+from ...problem import check_int
 from ...tensors import Tensor, contiguous_strides
 from .device import round_up
 
-__all__ = ["tensor_layout", "buffer_strides", "check_shape", "upload_bytes", "read_span",
-           "usage_names"]
+__all__ = ["tensor_layout", "buffer_strides", "check_shape", "check_buffer_view",
+           "upload_bytes", "read_span", "usage_names"]
 
 
 def tensor_layout(shape: tuple[int, ...], dtype: DType) -> tuple[tuple[int, ...], int]:
@@ -72,3 +74,24 @@ def usage_names(wgpu_module: Any, usage: int) -> str:
 def buffer_strides(shape: Sequence[int], dtype: DType) -> tuple[int, ...]:
     """The strides a tensor of ``shape`` must have on wgpu."""
     return tensor_layout(tuple(shape), dtype)[0]
+
+
+def check_buffer_view(wgpu_module: Any, buffer: Any, shape: tuple[int, ...], dtype: DType,
+                      offset: Any) -> None:
+    """:class:`InvalidProblem` unless ``buffer`` can hold a ``dtype`` tensor of ``shape``
+    in the buffer layout from byte ``offset``: a ``wgpu.GPUBuffer`` with usage STORAGE,
+    ``offset`` a multiple of 4, enough bytes up to a 4-byte boundary."""
+    if not isinstance(buffer, wgpu_module.GPUBuffer):
+        raise InvalidProblem(f"buffer: expected a wgpu.GPUBuffer, got {type(buffer).__name__}")
+    if not buffer.usage & wgpu_module.BufferUsage.STORAGE:
+        raise InvalidProblem("buffer: expected usage flags including STORAGE, got "
+                             f"{usage_names(wgpu_module, buffer.usage)}")
+    offset = check_int("offset", offset, 0)
+    if offset % 4:
+        raise InvalidProblem(f"offset: expected a multiple of 4 bytes, got {offset}")
+    _, nbytes = tensor_layout(shape, dtype)
+    need = round_up(offset + nbytes, 4)
+    if need > buffer.size:
+        raise InvalidProblem(
+            f"buffer: expected at least {need} bytes for a {dtype.name} tensor of shape "
+            f"{shape} at offset {offset}, got a buffer of {buffer.size} bytes")
