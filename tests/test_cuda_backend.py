@@ -36,6 +36,16 @@ def test_unavailable_without_a_driver_says_why():
         ql.backend("cuda")
 
 
+@pytest.mark.parametrize("value", ["abc", "-1", "1.5", "cuda:0"])
+def test_a_bad_device_number_is_named(monkeypatch, value):
+    """Read before the driver, on any machine: a typo is reported as itself."""
+    monkeypatch.setenv("QLINEAR_CUDA_DEVICE", value)
+    with pytest.raises(ql.BackendUnavailable) as info:
+        qc.create()
+    assert info.value.reason == (
+        f"QLINEAR_CUDA_DEVICE: expected a device number (0, 1, ...), got {value!r}")
+
+
 @pytest.mark.skipif(_driver_present(), reason="an NVIDIA driver is installed here")
 def test_qlinear_info_shows_the_reason():
     out = subprocess.run([sys.executable, "-m", "qlinear", "info"], capture_output=True, text=True,

@@ -278,12 +278,23 @@ class CudaBackend(Backend):
         }
 
 
+def _device_ordinal() -> int:
+    # Read before anything else, so that a typo is reported as itself wherever it is set.
+    text = os.environ.get("QLINEAR_CUDA_DEVICE", "").strip() or "0"
+    if not text.isdigit():
+        raise BackendUnavailable(
+            "cuda", f"QLINEAR_CUDA_DEVICE: expected a device number (0, 1, ...), got {text!r}",
+            "unset QLINEAR_CUDA_DEVICE or set it to a CUDA device number")
+    return int(text)
+
+
 def create() -> CudaBackend:
     """The cuda backend on device ``$QLINEAR_CUDA_DEVICE`` (default 0).
 
     Raises :class:`BackendUnavailable` (with the reason and what to install) when
     cuda-python, the driver, NVRTC or a supported GPU is missing. The driver library is
     looked for before any driver call."""
+    ordinal = _device_ordinal()
     try:
         import cuda.bindings  # noqa: F401
         import cuda.core  # noqa: F401
@@ -303,8 +314,7 @@ def create() -> CudaBackend:
                                  "a working NVIDIA driver and GPU") from None
     if not count:
         raise BackendUnavailable("cuda", "no CUDA device found", "an NVIDIA GPU")
-    ordinal = int(os.environ.get("QLINEAR_CUDA_DEVICE", "0") or 0)
-    if not 0 <= ordinal < int(count):
+    if ordinal >= int(count):
         raise BackendUnavailable(
             "cuda", f"QLINEAR_CUDA_DEVICE={ordinal}, but only {int(count)} device(s) exist")
     from cuda.core import Device
