@@ -18,7 +18,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,16 +212,14 @@ def _bench_request(a: argparse.Namespace) -> _BenchRequest:
 
 def _write_json(path: Path, data: Any) -> None:
     """Write ``data`` to ``path`` through a temporary file: a failure leaves no partial file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    # open() gives the file the permissions the user's umask asks for (mkstemp's are 0600).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it, not mkstemp's 0600
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "w") as f:
             json.dump(data, f, indent=2, default=str)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -24,9 +24,14 @@ __all__ = ["quantize_weight", "QuantizedLinear"]
 _STATE_VERSION = 1
 
 
+def _is_float(dt: np.dtype) -> bool:
+    """Whether an array of ``dt`` holds floats (bf16 included)."""
+    return dt.kind == "f" or dt == bf16.numpy
+
+
 def _is_real(dt: np.dtype) -> bool:
     """Whether an array of ``dt`` holds real numbers (ints, floats, bf16; not bools)."""
-    return dt.kind in "iuf" or dt == bf16.numpy
+    return dt.kind in "iu" or _is_float(dt)
 
 
 def _first_bad(mask: np.ndarray) -> tuple[int, ...]:
@@ -58,7 +63,7 @@ def quantize_weight(weight: Any, *, dtype: DTypeLike | None = None,
         raise InvalidProblem(f"weight: expected a 2-D array [C_out, K], got shape {w.shape}")
     if not _is_real(w.dtype):
         raise InvalidProblem(f"weight: expected a real (float or int) array, got dtype {w.dtype}")
-    if dtype is None and not (w.dtype.kind == "f" or w.dtype == bf16.numpy):
+    if dtype is None and not _is_float(w.dtype):
         raise InvalidProblem(
             f"dtype: expected a float type (f32, f16, bf16, f64) for an integer weight, "
             f"got None (the weight is {w.dtype})")
@@ -105,7 +110,7 @@ def _check_scale(weight_scale: Any, c_out: int) -> np.ndarray:
     """The per-channel scale ``[c_out]`` (a 0-d scale is per tensor: broadcast)."""
     check_plain_array("weight_scale", weight_scale)
     ws = np.asarray(weight_scale)
-    if not (ws.dtype.kind == "f" or ws.dtype == bf16.numpy):
+    if not _is_float(ws.dtype):
         raise InvalidProblem(
             f"weight_scale: expected a float array (f32, f16, bf16, f64), got dtype {ws.dtype}")
     dt = as_dtype(ws.dtype, name="weight_scale")

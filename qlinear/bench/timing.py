@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["TimeStats", "time_stats", "median_time"]
+__all__ = ["TimeStats", "time_stats"]
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,3 @@ def time_stats(fn: Callable[[], object], sync: Callable[[], object], min_seconds
         sync()
         times.append(time.perf_counter() - t0)
     return TimeStats(min(times), statistics.median(times), max(times), len(times))
-
-
-def median_time(fn: Callable[[], object], sync: Callable[[], object], min_seconds: float,
-                max_reps: int) -> float:
-    """The median of :func:`time_stats`, in seconds."""
-    return time_stats(fn, sync, min_seconds, max_reps).median

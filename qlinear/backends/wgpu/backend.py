@@ -20,7 +20,7 @@ from ...dtypes import DTypeLike, as_dtype
 from ...errors import BackendUnavailable, InvalidProblem
 from ...problem import DynamicRangeQuantizeDescriptor, QuantizedLinearDescriptor
 from ...tensors import Tensor, host_view
-from ...validate import check_new_tensor, host_array
+from ...validate import check_new_tensor, check_shape, host_array
 from .. import install_hint
 from ..base import Backend
 from .choose import AdapterFacts, f16_native, inner_product
@@ -34,7 +34,6 @@ from .streams import Batch, check_stream
 from .tensors import (
     buffer_strides,
     check_buffer_view,
-    check_shape,
     read_span,
     tensor_layout,
     upload_bytes,

@@ -10,14 +10,13 @@ from typing import Any
 
 import numpy as np
 
-from ... import validate
 from ...dtypes import DType, s8
 from ...errors import InvalidProblem
 from ...problem import check_int
 from ...tensors import Tensor, contiguous_strides
 from .device import round_up
 
-__all__ = ["tensor_layout", "buffer_strides", "check_shape", "check_buffer_view",
+__all__ = ["tensor_layout", "buffer_strides", "check_buffer_view",
            "upload_bytes", "read_span", "usage_names"]
 
 
@@ -34,12 +33,6 @@ def tensor_layout(shape: tuple[int, ...], dtype: DType) -> tuple[tuple[int, ...]
         nbytes = math.prod(shape[:-1]) * row if all(shape) else 0
         return tuple(reversed(strides)), nbytes
     return contiguous_strides(tuple(shape)), math.prod(shape) * dtype.itemsize
-
-
-def check_shape(shape: Any, name: str = "shape") -> tuple[int, ...]:
-    """``shape`` as a tuple of ints; :class:`InvalidProblem` unless a sequence of
-    non-negative integers: :func:`qlinear.validate.check_shape`, the rule of every backend."""
-    return validate.check_shape(shape, name)
 
 
 def upload_bytes(arr: np.ndarray, dtype: DType, nbytes: int) -> np.ndarray:
