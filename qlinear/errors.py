@@ -10,6 +10,7 @@ __all__ = [
     "Unsupported",
     "BackendUnavailable",
     "DeviceError",
+    "QlinearWarning",
 ]
 
 
@@ -45,3 +46,8 @@ class DeviceError(QlinearError, RuntimeError):
     def __init__(self, message: str, native: str = ""):
         self.native = native
         super().__init__(message + (f"\n{native}" if native else ""))
+
+
+class QlinearWarning(RuntimeWarning):
+    """Something qlinear fell back from at run time (e.g. a launch feature the driver
+    refused); results stay correct, the message says what changed and why."""

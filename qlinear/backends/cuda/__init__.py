@@ -7,7 +7,8 @@ The kernels live in the top-level ``cuda/`` folder (shipped inside the wheel):
   int32 accumulators) with a multi-stage ``cp.async`` pipeline, sm_80+;
 - ``gemv_mma.cu``: the small-M (decode) kernel, split-K inside a block, sm_80+; on
   sm_90+ it is launched with programmatic dependent launch, so its first weight loads
-  overlap the activation pass;
+  overlap the activation pass (``+pdl`` in ``plan.sku`` while it is; ``qlinear info``
+  says why not; ``QLINEAR_CUDA_PDL=0`` turns it off);
 - ``gemm_dp4a.cu``: the ``__dp4a`` GEMM of sm_75;
 
 each with the dequantization (+ bias) epilogue fused. They are compiled to a cubin for
@@ -21,7 +22,8 @@ The modules, one concept each, from the sources up to the device:
 - :mod:`.specs`: :class:`KernelSpec`, the tile tables, every variant per architecture;
 - :mod:`.select`: the pure choice of kernels and launch geometry for a shape;
 - :mod:`.compile`: NVRTC, the cache key, compiling every variant, the ptxas report;
-- :mod:`.driver`: finding libcuda without calling it, driver errors as ours;
+- :mod:`.driver`: the cuda-core names checked up front, finding libcuda without calling
+  it, driver errors as ours, device memory that is freed after the device's work;
 - :mod:`.interop`: foreign arrays (``__cuda_array_interface__``, DLPack) and streams;
 - :mod:`.executables`: what plans run, the launch glue;
 - :mod:`.backend`: :class:`CudaBackend` (device, tensors, kernel loading, launches) and

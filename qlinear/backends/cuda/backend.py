@@ -5,20 +5,28 @@ from __future__ import annotations
 import math
 import os
 import threading
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from ...dtypes import DType, DTypeLike
-from ...errors import BackendUnavailable, DeviceError, InvalidProblem, Unsupported
+from ...errors import BackendUnavailable, DeviceError, InvalidProblem, QlinearWarning, Unsupported
 from ...kernel_cache import KernelCache
 from ...problem import DynamicRangeQuantizeDescriptor, QuantizedLinearDescriptor
 from ...tensors import Tensor, contiguous_strides, host_view
 from ...validate import check_new_tensor, host_array
 from ..base import Backend
 from .compile import CompileOptions, compile_module, device_arch, nvrtc_version
-from .driver import cu_check, driver_version, find_driver, pointer_device
+from .driver import (
+    DeviceMemory,
+    check_cuda_core,
+    cu_check,
+    driver_version,
+    find_driver,
+    pointer_device,
+)
 from .executables import CudaLinearExecutable, CudaQuantizeExecutable
 from .interop import Streams, cai_view, dlpack_view
 from .specs import KernelSpec, arch_number
@@ -59,8 +67,15 @@ class CudaBackend(Backend):
         self._modules: list[Any] = []  # loaded ObjectCode, kept alive with their kernels
         self._configs: dict[tuple[Any, ...], Any] = {}
         self._lock = threading.RLock()
-        # Programmatic dependent launch, until a launch with it is refused.
-        self._pdl = os.environ.get("QLINEAR_CUDA_PDL", "1") != "0"
+        self._context: Any = None  # the CUcontext device memory is freed in
+        # Programmatic dependent launch: None until probed (on the first plan that has a
+        # kernel for it), then whether launches use it, and why not.
+        self._pdl: bool | None = None
+        self._pdl_off = ""
+        if os.environ.get("QLINEAR_CUDA_PDL", "1") == "0":
+            self._pdl, self._pdl_off = False, "QLINEAR_CUDA_PDL=0"
+        elif self._arch_number < 90:
+            self._pdl, self._pdl_off = False, f"{self.arch} has none (it needs sm_90+)"
 
     # -- device ----------------------------------------------------------------------
     @property
@@ -81,7 +96,11 @@ class CudaBackend(Backend):
     def stream(self, stream: Any = None) -> Any:
         """The cuda.core ``Stream`` for ``stream``: None (the device's default stream), a
         ``Stream``, a raw ``CUstream`` handle (int), or any object with ``__cuda_stream__``
-        or a ``cuda_stream`` handle attribute (torch, CuPy). Never creates a stream."""
+        or a ``cuda_stream`` handle attribute (torch, CuPy). Never creates a stream.
+
+        Makes the device current on the calling thread first (one cheap call when it
+        already is): launches on a foreign stream go to the context current at the time."""
+        self._device.set_current()
         return self._streams.get(stream)
 
     def check_stream(self, stream: Any) -> None:
@@ -141,16 +160,54 @@ class CudaBackend(Backend):
             config = self._configs[key] = self._LaunchConfig(grid=grid, block=threads, **kwargs)
         return config
 
+    # -- programmatic dependent launch ---------------------------------------------------
+    def pdl_enabled(self) -> bool:
+        """Whether kernels marked ``pdl`` are launched with programmatic dependent launch.
+        Decided on the first ask (plans ask when selected, so their ``sku`` is truthful):
+        off with ``QLINEAR_CUDA_PDL=0``, below sm_90, or where cuda.core cannot express
+        it; turned off later if the driver refuses a launch with it (with a warning)."""
+        pdl = self._pdl
+        if pdl is None:
+            with self._lock:
+                if self._pdl is None:
+                    try:
+                        self._LaunchConfig(grid=(1,), block=(32,),
+                                           programmatic_stream_serialization=True)
+                        self._pdl = True
+                    except Exception as e:
+                        self._refuse_pdl("cuda.core's LaunchConfig refused it", e)
+                pdl = bool(self._pdl)
+        return pdl
+
+    def pdl_status(self) -> str:
+        """``"on"``, or ``"off: <why>"`` (the setting, the architecture, or the refusal
+        with its native error)."""
+        return "on" if self.pdl_enabled() else f"off: {self._pdl_off}"
+
+    def _refuse_pdl(self, what: str, error: BaseException) -> None:
+        with self._lock:
+            if self._pdl is False:  # already off, and said so
+                return
+            self._pdl = False
+            self._pdl_off = f"{what} ({type(error).__name__}: {error})"
+        warnings.warn(
+            f"cuda: programmatic dependent launch is off from now on: {self._pdl_off}; "
+            f"kernels wait for their predecessor in plain stream order instead (results "
+            f"are the same). Set QLINEAR_CUDA_PDL=0 to skip it.",
+            QlinearWarning, stacklevel=3)
+
     def launch(self, spec: KernelSpec, grid: tuple[int, ...], stream: Any, *args: Any) -> None:
         """Launch ``spec`` on ``grid`` blocks of ``spec.threads`` threads on ``stream``
-        (anything :meth:`stream` accepts) with ``args``; asynchronous.
+        (anything :meth:`stream` accepts) with ``args``; asynchronous. The device is made
+        current first.
 
-        Kernels marked ``pdl`` use programmatic dependent launch on sm_90+ where the
-        driver and cuda.core accept it (they wait for their producer themselves); if the
-        launch is refused, they fall back to plain stream order from then on."""
+        Kernels marked ``pdl`` use programmatic dependent launch while
+        :meth:`pdl_enabled` (they wait for their producer themselves). A launch with it
+        that is refused, where the same launch without it is accepted, turns it off for
+        the backend with a :class:`~qlinear.errors.QlinearWarning`."""
         kernel = self.kernel(spec)
         s = self.stream(stream)
-        pdl = spec.pdl and self._pdl and self._arch_number >= 90
+        pdl = spec.pdl and (self._pdl if self._pdl is not None else self.pdl_enabled())
         try:
             self._launch(s, self._config(grid, spec.threads, pdl), kernel, *args)
             return
@@ -158,12 +215,14 @@ class CudaBackend(Backend):
             if not pdl:
                 raise DeviceError(f"launching {spec.name_expression} on grid {grid} failed",
                                   native=str(e)) from None
-            self._pdl = False
+            refused = e
         try:
             self._launch(s, self._config(grid, spec.threads, False), kernel, *args)
         except Exception as e:
             raise DeviceError(f"launching {spec.name_expression} on grid {grid} failed",
                               native=str(e)) from None
+        self._refuse_pdl(f"the driver refused launching {spec.name_expression} with it",
+                         refused)
 
     def linear_executable(self, desc: QuantizedLinearDescriptor) -> CudaLinearExecutable:
         """The executable for ``desc``: the activation pass, then the int8 GEMM with the
@@ -185,18 +244,29 @@ class CudaBackend(Backend):
                       data_ptr=int(ptr), owner=owner, readonly=readonly)
 
     def empty(self, shape: Sequence[int], dtype: DTypeLike) -> Tensor:
-        """A new device tensor (a cuda.core ``Buffer`` from the device's memory resource).
+        """A new device tensor; its handle is a :class:`~.driver.DeviceMemory`, freed when
+        the last tensor viewing it is gone, after the work on every stream of the device
+        (a stream-ordered pool could reuse it under a kernel of another stream).
         ``shape`` and ``dtype`` are checked by :func:`qlinear.validate.check_new_tensor`
         before the device is touched."""
         shape, dt = check_new_tensor(shape, dtype)
         nbytes = math.prod(shape) * dt.itemsize
-        dev = self._current()
+        self._current()  # cuMemAlloc allocates in the calling thread's current context
         try:
-            buf = dev.allocate(max(nbytes, 1), stream=dev.default_stream)
-        except Exception as e:
+            mem = DeviceMemory(nbytes, self._context_handle())
+        except DeviceError as e:
             raise DeviceError(f"allocating {nbytes} bytes on {self.device_id} failed "
-                              f"(out of memory?)", native=str(e)) from None
-        return self._tensor(shape, dt, int(buf.handle), buf)
+                              f"(out of memory?)", native=e.native or str(e)) from None
+        return self._tensor(shape, dt, mem.ptr, mem)
+
+    def _context_handle(self) -> Any:
+        ctx = self._context
+        if ctx is None:
+            from cuda.bindings import driver
+
+            ctx = self._context = cu_check(driver.cuCtxGetCurrent(),
+                                           f"reading the CUDA context of {self.device_id}")
+        return ctx
 
     def from_numpy(self, array: np.ndarray, *, readonly: bool = False) -> Tensor:
         """A device tensor holding a copy of ``array`` (copied before this returns).
@@ -274,6 +344,7 @@ class CudaBackend(Backend):
             "nvrtc": ".".join(map(str, nvrtc_version())),
             "sms": self.sm_count,
             "shared_memory_per_block": int(self._device.properties.max_shared_memory_per_block),
+            "pdl": self.pdl_status(),
             "cache": str(cache_dir() or "off (memory only)"),
         }
 
@@ -292,14 +363,15 @@ def create() -> CudaBackend:
     """The cuda backend on device ``$QLINEAR_CUDA_DEVICE`` (default 0).
 
     Raises :class:`BackendUnavailable` (with the reason and what to install) when
-    cuda-python, the driver, NVRTC or a supported GPU is missing. The driver library is
-    looked for before any driver call."""
+    cuda-python, the driver, NVRTC or a supported GPU is missing, or cuda-core is older
+    than :data:`~.driver.CUDA_CORE_NEEDED`. The driver library is looked for before any
+    driver call."""
     ordinal = _device_ordinal()
     try:
         import cuda.bindings  # noqa: F401
-        import cuda.core  # noqa: F401
     except ImportError as e:
         raise BackendUnavailable("cuda", f"cuda-python is not installed ({e})") from None
+    check_cuda_core()
     if find_driver() is None:
         raise BackendUnavailable("cuda", "no NVIDIA driver (libcuda) found",
                                  "install the NVIDIA driver (it provides libcuda)")

@@ -1,15 +1,70 @@
-"""The CUDA driver (libcuda): finding it safely, and turning its errors into ours."""
+"""What the backend stands on: cuda-core with every name it uses, the CUDA driver
+(libcuda) found safely, driver errors turned into ours, and device memory."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import sys
+import weakref
 from typing import Any
 
-from ...errors import DeviceError
+from ...errors import BackendUnavailable, DeviceError
 
-__all__ = ["find_driver", "cu_check", "driver_version", "pointer_device"]
+__all__ = [
+    "CUDA_CORE_NAMES",
+    "CUDA_CORE_NEEDED",
+    "check_cuda_core",
+    "find_driver",
+    "cu_check",
+    "driver_version",
+    "pointer_device",
+    "DeviceMemory",
+]
+
+
+#: What the backend takes from ``cuda.core``, all checked by ``create()`` before the
+#: device is touched, so that none of the lazy imports can fail later.
+CUDA_CORE_NAMES = ("Device", "LaunchConfig", "launch", "Stream", "LEGACY_DEFAULT_STREAM",
+                   "PER_THREAD_DEFAULT_STREAM", "ObjectCode", "Program", "ProgramOptions")
+#: The oldest cuda-core that has all of them (as pyproject.toml requires).
+CUDA_CORE_NEEDED = "cuda-core>=1.0"
+
+
+def _cuda_core_version() -> str:
+    try:
+        import importlib.metadata as md
+
+        return md.version("cuda-core")
+    except Exception:
+        try:
+            import cuda.core
+
+            return str(cuda.core.__version__)
+        except Exception:
+            return "unknown"
+
+
+def check_cuda_core() -> None:
+    """Raise :class:`BackendUnavailable` naming the cuda-core version found and the one
+    needed unless cuda.core imports and has every name in :data:`CUDA_CORE_NAMES` and
+    ``cuda.core.utils.StridedMemoryView``."""
+    install = f"pip install -U '{CUDA_CORE_NEEDED}'"
+    try:
+        import cuda.core as core
+    except Exception as e:  # an old cuda.core can fail on newer bindings in any way
+        raise BackendUnavailable(
+            "cuda", f"cuda-core {_cuda_core_version()} cannot be imported ({e}); qlinear "
+            f"needs {CUDA_CORE_NEEDED}", install) from None
+    missing = [f"cuda.core.{name}" for name in CUDA_CORE_NAMES if not hasattr(core, name)]
+    try:
+        from cuda.core.utils import StridedMemoryView  # noqa: F401
+    except ImportError:
+        missing.append("cuda.core.utils.StridedMemoryView")
+    if missing:
+        raise BackendUnavailable(
+            "cuda", f"cuda-core {_cuda_core_version()} lacks {', '.join(missing)}; qlinear "
+            f"needs {CUDA_CORE_NEEDED}", install)
 
 
 def find_driver() -> str | None:
@@ -78,3 +133,51 @@ def pointer_device(ptr: int) -> str:
         return f"cuda:{int(ordinal)}"
     except DeviceError:
         return "unknown (not CUDA device memory)"
+
+
+class DeviceMemory:
+    """``nbytes`` of device memory from ``cuMemAlloc`` in ``context``, freed once nothing
+    refers to it any more (or on :meth:`close`).
+
+    Not from a stream-ordered pool on purpose: a pool frees in the order of one stream,
+    and could hand the bytes to a new allocation while a kernel on another stream (torch's
+    current one, say) still reads them. Here the free first waits for all work in the
+    context (``cuCtxSynchronize``, then ``cuMemFree``), so memory in use is never
+    reused; the price is that dropping the last reference waits for the device."""
+
+    __slots__ = ("ptr", "nbytes", "_free", "__weakref__")
+
+    def __init__(self, nbytes: int, context: Any) -> None:
+        from cuda.bindings import driver
+
+        self.nbytes = int(nbytes)
+        self.ptr = int(cu_check(driver.cuMemAlloc(max(self.nbytes, 1)),
+                                f"allocating {self.nbytes} bytes"))
+        self._free = weakref.finalize(self, _free_after_device_work, self.ptr, context)
+        # At exit the driver takes the memory back itself, perhaps already torn down.
+        self._free.atexit = False
+
+    def close(self) -> None:
+        """Free the memory now (after the device's work); later calls do nothing."""
+        self._free()
+
+    def __repr__(self) -> str:
+        return f"DeviceMemory(ptr={self.ptr:#x}, nbytes={self.nbytes})"
+
+
+def _free_after_device_work(ptr: int, context: Any) -> None:
+    # Runs from the garbage collector, on any thread and with any context current: it
+    # pushes its own and must not raise (an error here has no caller to reach; a context
+    # with a sticky error has lost its memory anyway).
+    try:
+        from cuda.bindings import driver
+
+        if int(driver.cuCtxPushCurrent(context)[0]) != 0:
+            return
+        try:
+            driver.cuCtxSynchronize()
+            driver.cuMemFree(ptr)
+        finally:
+            driver.cuCtxPopCurrent()
+    except Exception:
+        pass

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     )
     from ...tensors import Tensor
     from .backend import CudaBackend
+    from .specs import KernelSpec
 
 __all__ = ["CudaQuantizeExecutable", "CudaLinearExecutable"]
 
@@ -30,6 +31,14 @@ def _addresses(*tensors: Tensor) -> tuple[int, ...]:
 
 def _aligned(*ptrs: int, to: int = 16) -> bool:
     return all(p % to == 0 for p in ptrs)
+
+
+def _load(be: CudaBackend, *specs: KernelSpec) -> None:
+    # Every kernel a run may launch, the fallbacks for misaligned addresses included, is
+    # compiled and loaded with the plan: a compile error in a run could come after its
+    # first kernel already wrote the caller's scratch.
+    for spec in dict.fromkeys(specs):
+        be.kernel(spec)
 
 
 class CudaQuantizeExecutable(Executable):
@@ -44,7 +53,7 @@ class CudaQuantizeExecutable(Executable):
         self.desc = desc
         self.fast, self.fallback, self.grid = select_quantize(desc.m, desc.k, desc.dtype)
         self.sku = f"cuda.{be.arch}.{self.fast.label}"
-        be.kernel(self.fast)  # compile and load now, not on the first run
+        _load(be, self.fast, self.fallback)
 
     def run(self, tensors: QuantizeTensors, stream: Any = None) -> None:
         d = self.desc
@@ -71,10 +80,20 @@ class CudaLinearExecutable(Executable):
     def __init__(self, be: CudaBackend, desc: QuantizedLinearDescriptor) -> None:
         self.be = be
         self.desc = desc
-        self.sel = select_linear(desc.m, desc.c_out, desc.k, desc.dtype, be.arch, be.sm_count)
-        self.sku = self.sel.sku
-        be.kernel(self.sel.act)
-        be.kernel(self.sel.gemm)
+        self.sel = sel = select_linear(desc.m, desc.c_out, desc.k, desc.dtype, be.arch,
+                                       be.sm_count)
+        self._sku_pdl = sel.sku.replace(f"+{sel.gemm.label}+", f"+{sel.gemm.label}+pdl+", 1)
+        if sel.gemm.pdl:
+            be.pdl_enabled()  # decided now, so that sku says it from the start
+        _load(be, sel.act, sel.act_fallback, sel.gemm, sel.gemm_fallback)
+
+    @property
+    def sku(self) -> str:  # type: ignore[override]  # read-only: derived, never assigned
+        """The selection's sku; ``+pdl`` after the GEMM's label while it is launched with
+        programmatic dependent launch (see :meth:`CudaBackend.pdl_enabled`)."""
+        if self.sel.gemm.pdl and self.be.pdl_enabled():
+            return self._sku_pdl
+        return self.sel.sku
 
     def run(self, tensors: LinearTensors, stream: Any = None) -> None:
         d, sel, t = self.desc, self.sel, tensors

@@ -72,10 +72,7 @@ def dlpack_view(obj: Any, name: str) -> tuple[ArrayView, str, Any]:
         raise InvalidProblem(
             f"{name}: expected a tensor in CUDA device memory, got DLPack device type "
             f"{int(dev_type)} (1 = host CPU)")
-    try:
-        from cuda.core.utils import StridedMemoryView
-    except ImportError:  # cuda.core < 0.4
-        from cuda.core.experimental.utils import StridedMemoryView
+    from cuda.core.utils import StridedMemoryView  # create() checked it is there
     try:
         view = StridedMemoryView(obj, stream_ptr=-1)
     except Exception as e:
@@ -128,9 +125,9 @@ class Streams:
 
     def get(self, stream: Any = None) -> Any:
         """None: the device's default stream; a ``Stream`` as is; anything
-        :func:`stream_handle` reads, as a ``Stream``."""
+        :func:`stream_handle` reads, as a ``Stream``. For None the device must be current
+        (``CudaBackend.stream`` makes it so)."""
         if stream is None:
-            self._device.set_current()
             return self._device.default_stream
         if isinstance(stream, self._stream_type):
             return stream
