@@ -12,6 +12,44 @@
 // ALIGNED: K % 16 == 0 and 16-byte aligned base pointers; otherwise byte loads.
 #include "qlinear_common.cuh"
 
+namespace ql {
+
+// The weights do not depend on the activation pass, but the compiler moves the
+// programmatic-dependent-launch wait above the 16-byte read-only loads (they are not
+// ordered against an asm memory clobber), so those loads cannot overlap it. An asm
+// volatile prefetch with a memory clobber stays ahead of the (equally volatile) wait and
+// warms L2 while the activation pass runs.
+// Warp w takes rows w, w + 8, ... of the block (NG of its 8 * NG), lane l the line at
+// byte 128 * l of the row: the first 4 KB of every row, each line once (the first two
+// steps of every warp at U = 4, four at U = 2), at NG instructions per thread. Only
+// rows n < N and bytes k < K: no address outside the weight tensor is touched.
+// Only sm_90+ overlaps anything, so older targets skip it.
+template <int WARPS, int NG>
+__device__ __forceinline__ void prefetch_weights(const s8_t* W, int n0, int N, int K,
+                                                 int warp, int lane) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    static_assert((NG * 8) % WARPS == 0, "every warp prefetches the same number of rows");
+    const int k = 128 * lane;
+#pragma unroll
+    for (int q = 0; q < NG * 8 / WARPS; ++q) {
+        const int n = n0 + q * WARPS + warp;
+        if (n < N && k < K) {
+            const s8_t* p = W + static_cast<s64_t>(n) * K + k;
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(p) : "memory");
+        }
+    }
+#endif
+}
+
+// Column of red[w][j][reg][.] that holds lane `lane`'s register `reg`. The epilogue's
+// warp reads registers 2h and 2h + 1 of 16 consecutive lanes at once; swapping the
+// halves of the odd registers' rows puts those 32 words in 32 distinct banks (a pad of
+// 33 would not: reg + lane spans only 17 banks), and keeps each row a permutation of
+// the lanes for the writes.
+__device__ __forceinline__ int red_col(int reg, int lane) { return lane ^ ((reg & 1) << 4); }
+
+}  // namespace ql
+
 template <typename T, int WARPS, int NG, int U, bool ALIGNED>
 __global__ void __launch_bounds__(WARPS * 32)
 qlinear_gemv_mma(const ql::s8_t* __restrict__ A, const T* __restrict__ a_scale,
@@ -60,10 +98,11 @@ qlinear_gemv_mma(const ql::s8_t* __restrict__ A, const T* __restrict__ a_scale,
         }
     };
 
-    // Weights do not depend on the activation pass: the first step's are requested
+    // Weights do not depend on the activation pass: their first lines are requested
     // before waiting for it (under programmatic dependent launch they stream while it
     // runs). Then each step requests the next step's weights before its MMAs, so
     // U * (2 * NG + 2) 16-byte loads per lane are in flight.
+    prefetch_weights<WARPS, NG>(W, n0, N, K, warp, lane);
     int c0 = warp * U;
     uint4 fw[U][NG];
     load_w(fw, c0);
@@ -91,7 +130,7 @@ qlinear_gemv_mma(const ql::s8_t* __restrict__ A, const T* __restrict__ a_scale,
 #pragma unroll
     for (int j = 0; j < NG; ++j)
 #pragma unroll
-        for (int r = 0; r < 4; ++r) red[warp][j][r][lane] = acc[j][r];
+        for (int r = 0; r < 4; ++r) red[warp][j][r][red_col(r, lane)] = acc[j][r];
     __syncthreads();
 
     // Output (row rr, column cc) of n-group j sits in lane (rr % 8) * 4 + cc / 2,
@@ -106,9 +145,10 @@ qlinear_gemv_mma(const ql::s8_t* __restrict__ A, const T* __restrict__ a_scale,
         if (m >= M || n >= N) continue;
         const int src_lane = (rr & 7) * 4 + (cc >> 1);
         const int reg = (rr >> 3) * 2 + (cc & 1);
+        const int col = red_col(reg, src_lane);
         int s = 0;
 #pragma unroll
-        for (int w = 0; w < WARPS; ++w) s += red[w][j][reg][src_lane];
+        for (int w = 0; w < WARPS; ++w) s += red[w][j][reg][col];
         const C y = dequant<T>(s, load_elem_l2(a_scale + m), load_elem(w_scale + n), bias, n);
         store_elem(Y + static_cast<s64_t>(m) * N + n, y);
     }

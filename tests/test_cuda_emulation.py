@@ -208,6 +208,23 @@ def test_gemm_mma_index_math(tile, m, n, k, aligned):
     np.testing.assert_array_equal(y, oracle(a, w))
 
 
+def red_col(reg, lane):
+    """gemv_mma.cu's red_col: the column of ``red[w][j][reg][.]`` holding ``lane``."""
+    return lane ^ ((reg & 1) << 4)
+
+
+def red_word(w, j, reg, col, ngroups):
+    """The 4-byte word of ``red[w][j][reg][col]`` in ``int red[WARPS][NG][4][32]``."""
+    return ((w * ngroups + j) * 4 + reg) * 32 + col
+
+
+def epilogue_elements(tid, ngroups, warps):
+    """``(j, rr, cc)`` of each trip of thread ``tid``'s loop
+    ``for (e = threadIdx.x; e < NG * 128; e += WARPS * 32)``."""
+    for e in range(tid, ngroups * 128, warps * 32):
+        yield e >> 7, (e >> 3) & 15, e & 7
+
+
 def emulate_gemv(a, w, ngroups, aligned, warps=specs.GEMV_WARPS):
     unroll = specs.gemv_unroll(ngroups)
     M, K = a.shape
@@ -232,15 +249,17 @@ def emulate_gemv(a, w, ngroups, aligned, warps=specs.GEMV_WARPS):
                         for j in range(ngroups):
                             fw = words16(load16(w, cols[j], k, K, aligned))
                             mma_k64(acc[j], fa, fb, fw)
-                red[warp] = acc.transpose(0, 2, 1)
-            for e in range(ngroups * 128):
-                j, rr, cc = e >> 7, (e >> 3) & 15, e & 7
-                m, n = m0 + rr, n0 + j * 8 + cc
-                if m >= M or n >= N:
-                    continue
-                lane, reg = (rr & 7) * 4 + (cc >> 1), (rr >> 3) * 2 + (cc & 1)
-                assert y[m, n] == np.iinfo(np.int64).min, "written twice"
-                y[m, n] = red[:, j, reg, lane].sum()
+                for j in range(ngroups):
+                    for r in range(4):
+                        red[warp, j, r, red_col(r, LANES)] = acc[j, :, r]
+            for tid in range(warps * 32):
+                for j, rr, cc in epilogue_elements(tid, ngroups, warps):
+                    m, n = m0 + rr, n0 + j * 8 + cc
+                    if m >= M or n >= N:
+                        continue
+                    lane, reg = (rr & 7) * 4 + (cc >> 1), (rr >> 3) * 2 + (cc & 1)
+                    assert y[m, n] == np.iinfo(np.int64).min, "written twice"
+                    y[m, n] = red[:, j, reg, red_col(reg, lane)].sum()
     return y
 
 
@@ -255,6 +274,46 @@ def test_gemv_index_math(ngroups, m, n, k, aligned):
     w = random_s8(rng, (n, k))
     y = emulate_gemv(a, w, ngroups, aligned)
     np.testing.assert_array_equal(y, oracle(a, w))
+
+
+def bank_ways(words):
+    """Shared-memory wavefronts of one warp access: the most distinct 4-byte words that
+    fall in one of the 32 banks (the same word twice is a broadcast, not a conflict)."""
+    banks = {}
+    for word in set(int(x) for x in words):
+        banks.setdefault(word % 32, set()).add(word)
+    return max((len(v) for v in banks.values()), default=0)
+
+
+@pytest.mark.parametrize("ngroups", specs.GEMV_NGROUPS)
+@pytest.mark.parametrize("m,n_cols", [(16, None), (9, None), (1, None), (16, 5)])
+def test_gemv_reduction_has_no_bank_conflicts(ngroups, m, n_cols):
+    """Both phases of the split-K reduction in shared memory, one warp access at a time,
+    from the kernel's own index formulas: every access is one wavefront."""
+    warps = specs.GEMV_WARPS
+    n = n_cols if n_cols is not None else 8 * ngroups
+    # Phase 1: red[warp][j][r][red_col(r, lane)] = acc[j][r], one store per (j, r).
+    for warp in range(warps):
+        for j in range(ngroups):
+            for r in range(4):
+                words = red_word(warp, j, r, red_col(r, LANES), ngroups)
+                assert bank_ways(words) == 1, ("write", warp, j, r)
+    # Phase 2: each thread sums red[w][j][reg][red_col(reg, src_lane)] over w for its
+    # outputs; the 32 threads of a warp run the same trip of the loop together.
+    for warp in range(warps):
+        trips = [list(epilogue_elements(warp * 32 + lane, ngroups, warps)) for lane in LANES]
+        for trip in range(max(len(t) for t in trips)):
+            for w in range(warps):
+                words = []
+                for lane in LANES:
+                    if trip >= len(trips[lane]):
+                        continue
+                    j, rr, cc = trips[lane][trip]
+                    if rr >= m or j * 8 + cc >= n:
+                        continue  # the thread skips outputs past M or N
+                    src_lane, reg = (rr & 7) * 4 + (cc >> 1), (rr >> 3) * 2 + (cc & 1)
+                    words.append(red_word(w, j, reg, red_col(reg, src_lane), ngroups))
+                assert bank_ways(words) <= 1, ("read", warp, trip, w, sorted(words))
 
 
 def emulate_dp4a(a, w, tile, aligned):
@@ -325,5 +384,16 @@ def test_emulated_kernels_match_the_sources():
     assert "const int k = (c0 + u) * 64 + 16 * t;" in gemv
     assert "const int src_lane = (rr & 7) * 4 + (cc >> 1);" in gemv
     assert "const int reg = (rr >> 3) * 2 + (cc & 1);" in gemv
+    # The shared-memory layout of the reduction (red_word, red_col, epilogue_elements).
+    assert "__shared__ int red[WARPS][NG][4][32];" in gemv
+    assert "int red_col(int reg, int lane) { return lane ^ ((reg & 1) << 4); }" in gemv
+    assert "red[warp][j][r][red_col(r, lane)] = acc[j][r];" in gemv
+    assert "const int col = red_col(reg, src_lane);" in gemv
+    assert "s += red[w][j][reg][col];" in gemv
+    assert "for (int e = threadIdx.x; e < NG * 128; e += WARPS * 32) {" in gemv
+    assert "const int j = e >> 7;" in gemv
+    assert "const int rr = (e >> 3) & 15;" in gemv and "const int cc = e & 7;" in gemv
+    code = "\n".join(line.split("//")[0] for line in gemv.splitlines())
+    assert code.count("red[") == 3, "the declaration and both accesses of red are tied above"
     dp4a = qc.expand_source("gemm_dp4a.cu")
     assert "a[i] = As[kw][ty + i * TY]" in dp4a and "b[j] = Bs[kw][tx + j * TX]" in dp4a

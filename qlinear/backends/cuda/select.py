@@ -63,14 +63,41 @@ def select_quantize(m: int, k: int,
     return _act_plan(m, k, as_dtype(dtype))
 
 
+def _gemv_groups(m: int, n: int, sm_count: int) -> int:
+    """NG of the decode kernel (steps 1-3 of :func:`select_linear`)."""
+    rows = min(m, 16)  # a block's activation rows
+    widest_first = sorted(GEMV_NGROUPS, reverse=True)
+    lean = [g for g in widest_first if rows <= 4 * g] or widest_first[:1]
+    for g in lean:
+        if _cdiv(n, 8 * g) >= 2 * sm_count:
+            return g
+    for g in widest_first:
+        if g <= lean[-1] and 2 * _cdiv(n, 8 * g) >= sm_count:
+            return g
+    return widest_first[-1]
+
+
 def select_linear(m: int, n: int, k: int, dtype: DTypeLike, arch: str,
                   sm_count: int) -> LinearSelection:
     """Choose the kernels for ``y[m, n] = dequant(quant(x[m, k]) @ w[n, k].T)`` on ``arch``.
 
     Decode shapes (``m <=`` :data:`~qlinear.problem.DECODE_MAX_M`) take the split-K kernel
     that streams the weight once (sm_80+) or the 16-row dp4a tile (sm_75); larger ones
-    the tiled GEMM, 128x128 when that still gives every SM a tile, else 64x64. The decode
-    kernel takes the widest block (8, 16 or 32 columns) that still gives every SM two."""
+    the tiled GEMM, 128x128 when that still gives every SM a tile, else 64x64.
+
+    The decode kernel's block (8 x NG columns, NG in :data:`GEMV_NGROUPS`) reads all of its
+    ``m`` activation rows (``m * k`` bytes, from L2) for ``8 * NG * k`` weight bytes, so
+    narrow blocks at ``m = 16`` move twice as many activation bytes as weight bytes. NG is:
+
+    1. at least the narrowest with activation bytes per block at most half its weight
+       bytes (``m <= 4 * NG``; any NG at ``m <= 4``);
+    2. among those, the widest that still gives every SM two blocks;
+    3. if none does, the narrowest of step 1, unless its grid would leave more than half
+       of the SMs idle: then the widest NG that gives at least half of them a block
+       (idle SMs cost more bandwidth than re-read activations), else the narrowest.
+
+    At ``m <= 4`` step 1 allows every NG: the widest block that gives every SM two, else
+    the narrowest."""
     dt = as_dtype(dtype)
     act, act_fb, act_grid = _act_plan(m, k, dt)
     aligned = k % 16 == 0
@@ -78,8 +105,7 @@ def select_linear(m: int, n: int, k: int, dtype: DTypeLike, arch: str,
     grid: tuple[int, ...]
     if arch_number(arch) >= 80:
         if m <= DECODE_MAX_M:
-            ng = next((g for g in sorted(GEMV_NGROUPS, reverse=True)
-                       if _cdiv(n, 8 * g) >= 2 * sm_count), min(GEMV_NGROUPS))
+            ng = _gemv_groups(m, n, sm_count)
             gemm = gemv_spec(dt, ng, aligned)
             gemm_fb = gemv_spec(dt, ng, False)
             grid = (max(1, _cdiv(n, 8 * ng)), max(1, _cdiv(m, 16)))
