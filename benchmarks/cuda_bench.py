@@ -1,6 +1,7 @@
 """GPU benchmark of qlinear's cuda backend beside torch, on one device, in one run.
 
     python benchmarks/cuda_bench.py          # M in {1, 16, 512, 4096} x 4 (K, N) x {f16, bf16}
+    python benchmarks/cuda_bench.py --quick  # M in {1, 16, 512} x 2 LLM MLP (K, N), f16, 20 runs
     python benchmarks/cuda_bench.py --m 1 16 --kn 4096x4096 --dtype f16
     python benchmarks/cuda_bench.py --json cuda_bench.json
 
@@ -24,7 +25,9 @@ Prints a table (time, TOPS, % of the 1979 TOPS dense int8 peak of an H100 SXM, r
 each is baseline time / qlinear time, > 1 means qlinear is faster; against the weight
 read, the floor, it is at most 1)
 and writes JSON rows with the keys ``m, k, n, dtype, qlinear_ms, torch_w8a8_ms, fp16_ms,
-weight_read_ms, act_pass_gbps, copy_gbps`` (plus details). Tensors are torch tensors
+weight_read_ms, act_pass_gbps, copy_gbps`` (plus details: the ratios, which are those
+raw times divided, device, date, commit, repeats), rewritten after every shape so that
+a run stopped by a time limit still leaves the rows it finished. Tensors are torch tensors
 wrapped zero-copy by the backend, and everything runs on a non-default torch stream.
 Without an NVIDIA GPU (or without the cuda backend) it stops with a clear message and
 exit status 2. Without torch it still times qlinear and leaves the torch columns empty.
@@ -52,6 +55,18 @@ from qlinear.reference import reference_linear  # noqa: E402
 DEFAULT_M = (1, 16, 512, 4096)
 DEFAULT_KN = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192))
 DEFAULT_DTYPES = ("f16", "bf16")
+DEFAULT_REPEATS, DEFAULT_WARMUP = 50, 5
+#: ``--quick``: the decode, small-batch and prefill regimes on the two MLP projections of
+#: an 8B model (long K and wide N), sized to finish in well under two minutes on an H200.
+QUICK = {"m": [1, 16, 512], "kn": [(4096, 14336), (14336, 4096)], "dtype": ["f16"],
+         "repeats": 20, "warmup": 3}
+#: The keys of every JSON row that BENCHMARKS.md documents; each ratio is recomputable
+#: from them (baseline ms / qlinear_ms).
+RESULT_KEYS = ("m", "k", "n", "dtype", "qlinear_ms", "torch_w8a8_ms", "fp16_ms",
+               "weight_read_ms", "act_pass_gbps", "copy_gbps")
+#: Ratio key -> the baseline time it divides by ``qlinear_ms`` (> 1: qlinear is faster).
+RATIOS = {"w8a8_over_ql": "torch_w8a8_ms", "fp_over_ql": "fp16_ms",
+          "wread_over_ql": "weight_read_ms"}
 #: Dense int8 tensor-core peak of an H100 SXM (TOPS); the sparse figure is twice this.
 INT8_PEAK_TOPS = 1979.0
 #: Rows checked against the oracle beyond this M: a sample (see ``check_rows``).
@@ -74,23 +89,34 @@ class BenchUnavailable(RuntimeError):
 def parse_args(argv=None):
     """The command line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--m", type=int, nargs="+", default=list(DEFAULT_M), help="rows (tokens)")
-    p.add_argument("--kn", nargs="+", default=[f"{k}x{n}" for k, n in DEFAULT_KN],
-                   help="KxN shapes, e.g. 4096x14336")
-    p.add_argument("--dtype", nargs="+", default=list(DEFAULT_DTYPES),
-                   choices=["f16", "bf16", "f32"])
-    p.add_argument("--repeats", type=int, default=50, help="timed runs per measurement (median)")
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--quick", action="store_true",
+                   help="the reduced set (M 1 16 512, KxN 4096x14336 14336x4096, f16, "
+                        "20 repeats); options given beside it still win")
+    p.add_argument("--m", type=int, nargs="+", help="rows (tokens)")
+    p.add_argument("--kn", nargs="+", help="KxN shapes, e.g. 4096x14336")
+    p.add_argument("--dtype", nargs="+", choices=["f16", "bf16", "f32"])
+    p.add_argument("--repeats", type=int, help="timed runs per measurement (median)")
+    p.add_argument("--warmup", type=int)
     p.add_argument("--no-check", action="store_true",
                    help="skip the oracle check (not recommended)")
     p.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     args = p.parse_args(argv)
-    try:
-        args.kn = [tuple(int(v) for v in s.lower().split("x")) for s in args.kn]
-    except ValueError:
-        p.error(f"--kn: expected shapes like 4096x14336, got {args.kn}")
+    if args.kn is not None:
+        try:
+            args.kn = [tuple(int(v) for v in s.lower().split("x")) for s in args.kn]
+        except ValueError:
+            p.error(f"--kn: expected shapes like 4096x14336, got {args.kn}")
+    defaults = QUICK if args.quick else {
+        "m": list(DEFAULT_M), "kn": list(DEFAULT_KN), "dtype": list(DEFAULT_DTYPES),
+        "repeats": DEFAULT_REPEATS, "warmup": DEFAULT_WARMUP}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, list(value) if isinstance(value, list) else value)
     if any(len(s) != 2 or min(s) < 1 for s in args.kn) or min(args.m) < 1:
         p.error("--m and --kn: expected positive sizes")
+    if args.repeats < 1 or args.warmup < 0:
+        p.error(f"--repeats >= 1 and --warmup >= 0: expected, got {args.repeats} and "
+                f"{args.warmup}")
     return args
 
 
@@ -344,12 +370,8 @@ def bench_shape(be, torch, timer, stream, m, k, n, dtype, args, copy_gbps, rng):
            ("all" if m <= FULL_CHECK_MAX_M else f"{len(check_rows(m))} sampled"),
            "l2_flushed": flush}
     row["qlinear_ms"] = timer.median_ms(lambda: shape.run_qlinear(stream), reps, warm, flush)
-    act_ms = timer.median_ms(lambda: shape.run_act_pass(stream), reps, warm, flush)
-    act_bytes = m * k * dtype.itemsize + m * k + m * dtype.itemsize
-    row["act_pass_ms"] = act_ms
-    row["act_pass_gbps"] = act_bytes / (act_ms * 1e-3) / 1e9
+    row["act_pass_ms"] = timer.median_ms(lambda: shape.run_act_pass(stream), reps, warm, flush)
     row["copy_gbps"] = copy_gbps
-    row["weight_read_ms"] = n * k / (copy_gbps * 1e9) * 1e3
     row["torch_w8a8_ms"] = row["fp16_ms"] = None
     row["torch_note"] = "torch not installed" if torch is None else ""
     if torch is not None:
@@ -357,14 +379,44 @@ def bench_shape(be, torch, timer, stream, m, k, n, dtype, args, copy_gbps, rng):
         row["torch_w8a8_ms"] = timer.median_ms(w8a8, reps, warm, flush)
         row["fp16_ms"] = timer.median_ms(matmul, reps, warm, flush)
         row["torch_note"] = note
-    ops = 2 * m * k * n
-    row["tops"] = ops / (row["qlinear_ms"] * 1e-3) / 1e12
+    return derive(row)
+
+
+def derive(row: dict) -> dict:
+    """Add the figures that follow from a row's raw times: the activation pass's GB/s,
+    the weight-read floor, TOPS and the ratios (None where a baseline was not timed)."""
+    m, k, n = row["m"], row["k"], row["n"]
+    itemsize = as_dtype(row["dtype"]).itemsize
+    act_bytes = m * k * itemsize + m * k + m * itemsize
+    row["act_pass_gbps"] = act_bytes / (row["act_pass_ms"] * 1e-3) / 1e9
+    row["weight_read_ms"] = n * k / (row["copy_gbps"] * 1e9) * 1e3
+    row["tops"] = 2 * m * k * n / (row["qlinear_ms"] * 1e-3) / 1e12
     row["pct_int8_peak"] = 100 * row["tops"] / INT8_PEAK_TOPS
+    for key, base in RATIOS.items():
+        row[key] = None if row[base] is None else row[base] / row["qlinear_ms"]
     return row
 
 
-def _ratio(a, b):
-    return "-" if a is None or b is None else f"{a / b:.2f}x"
+def provenance(args, device: str) -> dict:
+    """What every JSON row carries besides its figures: device, date, commit, settings."""
+    # The GPU machine gets a copy of the tree without .git: the caller names the commit.
+    commit = os.environ.get("QLINEAR_COMMIT", "").strip() or git_commit()
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return {"device": device, "date": stamp, "commit": commit, "quick": args.quick,
+            "repeats": args.repeats, "warmup": args.warmup}
+
+
+def write_json(path: str, rows: list) -> None:
+    """Replace ``path`` with the rows in one rename, so a stopped run never leaves half a
+    file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(rows, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _ratio(value):
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def print_table(rows, device: str, copy_gbps: float) -> None:
@@ -381,9 +433,9 @@ def print_table(rows, device: str, copy_gbps: float) -> None:
         fp = r["fp16_ms"]
         print(f"{r['m']:>5} {r['k']:>6} {r['n']:>6} {r['dtype']:>4} | {r['qlinear_ms']:>10.4f} "
               f"{r['tops']:>7.1f} {r['pct_int8_peak']:>5.1f}% | "
-              f"{'-' if w8 is None else f'{w8:.4f}':>8} {_ratio(w8, r['qlinear_ms']):>7} | "
-              f"{'-' if fp is None else f'{fp:.4f}':>8} {_ratio(fp, r['qlinear_ms']):>6} | "
-              f"{r['weight_read_ms']:>8.4f} {_ratio(r['weight_read_ms'], r['qlinear_ms']):>8} | "
+              f"{'-' if w8 is None else f'{w8:.4f}':>8} {_ratio(r['w8a8_over_ql']):>7} | "
+              f"{'-' if fp is None else f'{fp:.4f}':>8} {_ratio(r['fp_over_ql']):>6} | "
+              f"{r['weight_read_ms']:>8.4f} {_ratio(r['wread_over_ql']):>8} | "
               f"{r['act_pass_gbps']:>8.0f} {100 * r['act_pass_gbps'] / copy_gbps:>5.0f}%")
     for note in sorted({r["torch_note"] for r in rows}):
         if note:
@@ -410,8 +462,7 @@ def main(argv=None) -> int:
     stream = timer.stream if torch is None else stream_obj
     copy_gbps = timer.copy_gbps(args.repeats, args.warmup)
     device = be.device_name
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    commit = git_commit()
+    meta = provenance(args, device)
     rng = np.random.default_rng(0)
     rows = []
     for dt_name in args.dtype:
@@ -424,14 +475,14 @@ def main(argv=None) -> int:
                 except AssertionError as e:
                     print(f"CHECK FAILED: {e}", file=sys.stderr)
                     return 1
-                row.update(device=device, date=stamp, commit=commit)
+                row.update(meta)
                 rows.append(row)
+                if args.json:
+                    write_json(args.json, rows)
                 print(f"  M={m} K={k} N={n} {dtype.name}: qlinear {row['qlinear_ms']:.4f} ms "
                       f"[{row['sku']}]", file=sys.stderr)
     print_table(rows, device, copy_gbps)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
         print(f"wrote {len(rows)} rows to {args.json}")
     return 0
 

@@ -1,45 +1,207 @@
 #!/usr/bin/env bash
-# The GPU checks of qlinear on an NVIDIA machine, in one call from the repository root:
-#   bash benchmarks/device_check.sh            # logs and JSON in $OUT (default /tmp/qlinear-device)
-# Order: device facts, the shared suite on the cuda backend, compute-sanitizer (memcheck,
-# racecheck), the CUDA benchmark, then WGSL on the NVIDIA Vulkan adapter when a wgpu wheel
-# (.whl/) and the Vulkan loader packages (.gl/*.deb) sit in the repository root. Each step
-# logs to $OUT and the script goes on after a failure, so one run reports every step.
+# The GPU checks of qlinear on an NVIDIA machine, in one call, from the repository root:
+#   bash benchmarks/device_check.sh                  # logs, JSON and summary.txt in $OUT
+#   ONLY=bench,wgsl bash benchmarks/device_check.sh  # some steps again (names as below)
+#   QLINEAR_COMMIT=<sha> ...                         # the commit, where .git did not travel
+# Steps, most valuable first, each under its own time limit (the limits add up to 540 s):
+# facts, the shared suite on the cuda backend, compute-sanitizer memcheck and racecheck,
+# the CUDA benchmark (--quick), then WGSL on the NVIDIA Vulkan adapter when wgpu is there
+# or its wheels were carried in .whl/ (Vulkan loader .debs in .gl/ where none is
+# installed). A failed or timed-out step does not stop the run: the summary at the end
+# (also $OUT/summary.txt, written as each step ends) gives every step's status and time.
+# Each step's whole log goes to $OUT with tee; the console gets its tail. At most 8 files
+# land in $OUT, which is all the GPU machine sends back.
 set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
 OUT="${OUT:-/tmp/qlinear-device}"
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 QLINEAR_CACHE_DIR="$OUT/kcache"
-step() { echo; echo "=== $1"; }
+# Compiled kernels stay out of $OUT (only 8 files come back); the steps share them.
+export QLINEAR_CACHE_DIR="${QLINEAR_CACHE_DIR:-/tmp/qlinear-kcache}"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/qlinear-device.XXXXXX") || exit 2
+trap 'rm -rf "$WORK"' EXIT
+export OUT WORK PY="${PYTHON:-python3}" SITE=/tmp/qlinear-site SKIP="$WORK/wgsl-skip"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+NV_ICD=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+if [[ -z "${VK_DRIVER_FILES:-}" && -f "$NV_ICD" ]]; then export VK_DRIVER_FILES="$NV_ICD"; fi
+export SUITE="tests/test_linear.py tests/test_quantize.py tests/test_bad_inputs.py
+  tests/test_api.py tests/test_inputs_everywhere.py tests/test_layer_build.py
+  tests/test_layer_io.py tests/test_cuda_backend.py tests/test_bench_peers.py
+  tests/test_plugin.py tests/test_torch_module.py
+  tests/test_torch_swap.py tests/test_torch_fidelity.py tests/test_torch_compile.py"
+export WGSL_TESTS="tests/test_linear.py tests/test_wgpu_backend.py tests/test_wgpu_numerics.py
+  tests/test_wgpu_probe.py tests/test_wgpu_streams.py tests/test_wgpu_limits.py"
+mkdir -p "$OUT" "$QLINEAR_CACHE_DIR"
+rm -f "$OUT/summary.txt" "$OUT"/{facts,suite-cuda,sanitize,cuda_bench,wgsl}.log \
+  "$OUT"/{cuda_bench,wgpu_bench}.json
 
-step facts
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import cuda.core, cuda.bindings; print('cuda.core', cuda.core.__version__)"
-python3 -m qlinear info | tee "$OUT/info.txt"
+facts() {
+  local rc=0 gpu commit
+  nvidia-smi --format=csv --query-gpu=name,driver_version,memory.total,compute_cap,\
+clocks.sm,clocks.max.sm,power.limit,temperature.gpu || rc=1
+  gpu=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)
+  commit=$(git rev-parse --short HEAD 2>/dev/null || echo "${QLINEAR_COMMIT:-unknown}")
+  if [[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]]; then
+    commit+=" with uncommitted changes"
+  fi
+  # The summary comes back whatever else does: it names the machine and the code.
+  echo "gpu: ${gpu:-none (nvidia-smi failed)}; commit: $commit; $(date -u +%FT%TZ)" |
+    tee -a "$OUT/summary.txt"
+  "$PY" - <<'EOF' || rc=1
+import importlib.metadata as md
+import platform
 
-step "suite on cuda"
-timeout 300 python3 -m pytest -q -x -p no:cacheprovider --qlinear-backend=cuda \
-  tests/test_linear.py tests/test_quantize.py tests/test_bad_inputs.py tests/test_api.py \
-  tests/test_torch_*.py tests/test_bench_peers.py tests/test_cuda_backend.py 2>&1 | tail -n 40 | tee "$OUT/pytest-cuda.txt"
+print("python", platform.python_version())
+for name in ("cuda-core", "cuda-bindings", "cuda-pathfinder", "nvidia-cuda-nvrtc", "cupy-cuda13x",
+             "torch", "numpy", "ml-dtypes", "pytest", "pytest-xdist", "hypothesis"):
+    try:
+        print(f"{name:18} {md.version(name)}")
+    except md.PackageNotFoundError:
+        print(f"{name:18} -")
+try:
+    from cuda.bindings import nvrtc
+    _, major, minor = nvrtc.nvrtcVersion()
+    import cuda.pathfinder as pf
+    print(f"NVRTC {major}.{minor} from {pf.load_nvidia_dynamic_lib('nvrtc').abs_path}")
+    print("CUDA headers (cuda.pathfinder):", pf.find_nvidia_header_directory("cudart"))
+except Exception as e:  # a fact too: the backend will say the same
+    print("NVRTC / cuda.pathfinder:", type(e).__name__, e)
+EOF
+  "$PY" -m qlinear info >"$WORK/info.txt" || rc=1
+  # The cuda section last, where the console's tail shows it.
+  awk '/^\[/ { s = /^\[cuda\]/ } !s' "$WORK/info.txt"
+  awk '/^\[/ { s = /^\[cuda\]/ } s' "$WORK/info.txt"
+  for tool in nvcc compute-sanitizer ncu; do
+    printf '%s: ' "$tool"
+    command -v "$tool" >/dev/null && "$tool" --version | grep -m 1 -i 'release\|version' || echo -
+  done
+  return $rc
+}
 
-step "compute-sanitizer memcheck"
-timeout 240 compute-sanitizer --tool memcheck --error-exitcode 3 \
-  python3 benchmarks/sanitize_cases.py 2>&1 | tail -n 30 | tee "$OUT/memcheck.txt"
-step "compute-sanitizer racecheck"
-timeout 240 compute-sanitizer --tool racecheck --error-exitcode 3 \
-  python3 benchmarks/sanitize_cases.py --quick 2>&1 | tail -n 20 | tee "$OUT/racecheck.txt"
+suite() {
+  local par=()
+  # 16 cores: a worker per few of them; per-test limits turn a hang into a failure.
+  "$PY" -c "import xdist" 2>/dev/null && par+=(-n 8)
+  "$PY" -c "import pytest_timeout" 2>/dev/null && par+=(--timeout=120)
+  # shellcheck disable=SC2086
+  "$PY" -m pytest -q -p no:cacheprovider --qlinear-backend=cuda --qlinear-require \
+    --maxfail=20 --durations=15 "${par[@]}" $SUITE
+}
 
-step "cuda benchmark"
-timeout 420 python3 benchmarks/cuda_bench.py --json "$OUT/cuda_bench.json" 2>&1 | tee "$OUT/cuda_bench.txt"
+memcheck() {
+  compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 \
+    "$PY" benchmarks/sanitize_cases.py
+}
 
-if ls .whl/wgpu-*.whl >/dev/null 2>&1; then
-  step "wgpu on the NVIDIA Vulkan adapter"
-  for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-  export PYTHONPATH="$PYTHONPATH:/tmp/site"
-  export VK_DRIVER_FILES="${VK_DRIVER_FILES:-/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json}"
-  timeout 300 python3 -m pytest -q -x -p no:cacheprovider --qlinear-backend=wgpu \
-    tests/test_linear.py tests/test_wgpu_*.py 2>&1 | tail -n 20 | tee "$OUT/pytest-wgpu.txt"
-  timeout 300 python3 benchmarks/wgpu_bench.py --full --no-cpu --json "$OUT/wgpu_bench.json" \
-    2>&1 | tee "$OUT/wgpu_bench.txt"
-fi
-echo; echo "=== done; files in $OUT"
+racecheck() {
+  compute-sanitizer --tool racecheck --error-exitcode 3 --print-limit 20 \
+    "$PY" benchmarks/sanitize_cases.py --quick --no-interop
+}
+
+bench() {
+  "$PY" benchmarks/cuda_bench.py --quick --json "$OUT/cuda_bench.json"
+}
+
+skip() { echo "$1" >"$SKIP"; echo "SKIP: $1"; exit 77; }
+
+wgsl() {
+  if ! "$PY" -c "import wgpu" 2>/dev/null; then
+    ls .whl/wgpu-*.whl >/dev/null 2>&1 || skip "wgpu is not installed and no .whl/wgpu-*.whl was carried"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$SITE" .whl/*.whl || skip "the carried wheels in .whl/ did not install"
+  fi
+  if ! ldconfig -p | grep -q 'libvulkan\.so\.1'; then
+    ls .gl/*.deb >/dev/null 2>&1 || skip "no Vulkan loader (libvulkan.so.1) and no .gl/*.deb"
+    # Unpacking into / is for the bare GPU machine only, never a developer's own.
+    command -v nvidia-smi >/dev/null || skip "no Vulkan loader (libvulkan.so.1) and no NVIDIA driver"
+    for f in .gl/*.deb; do dpkg -x "$f" /; done
+    ldconfig
+  fi
+  echo "VK_DRIVER_FILES=${VK_DRIVER_FILES:-}"
+  # Exit 3: no NVIDIA adapter to test on (a skip, with the reason); anything else is a fault.
+  PYTHONPATH="$PYTHONPATH:$SITE" "$PY" - <<'EOF'
+import os
+import sys
+
+import wgpu
+
+import qlinear as ql
+
+
+def fail(why):
+    with open(os.environ["SKIP"], "w") as f:
+        f.write(why + "\n")
+    sys.exit(3)
+
+
+found = [a.info for a in wgpu.gpu.enumerate_adapters_sync()]
+for info in found:
+    print(f"adapter: {info.get('device')} | {info.get('adapter_type')} | "
+          f"{info.get('backend_type')} | vendor 0x{int(info.get('vendor_id') or 0):04x}")
+nvidia = [i for i in found if i.get("vendor_id") == 0x10DE or "nvidia" in str(i).lower()]
+if not nvidia:
+    names = sorted({f"{i.get('device')} ({i.get('backend_type')})" for i in found})
+    fail(f"no NVIDIA adapter (found: {', '.join(names) or 'none'})")
+try:
+    name = ql.backend("wgpu").device_name
+except ql.BackendUnavailable as e:
+    fail(f"an NVIDIA adapter is there, but the wgpu backend is unavailable: {e.reason}")
+if "nvidia" not in name.lower():
+    fail(f"an NVIDIA adapter is there, but the wgpu backend chose {name!r}")
+print(f"NVIDIA adapter in use: {name}")
+EOF
+  local rc=$?
+  [[ $rc == 3 ]] && { echo "SKIP: $(cat "$SKIP")"; exit 77; }
+  [[ $rc == 0 ]] || echo "the adapter check failed (exit $rc)" >"$SKIP"
+  return $rc
+}
+
+wgsl_tests() {
+  [[ -f "$SKIP" ]] && { echo "SKIP: $(cat "$SKIP")"; exit 77; }
+  # shellcheck disable=SC2086
+  PYTHONPATH="$PYTHONPATH:$SITE" "$PY" -m pytest -q -p no:cacheprovider \
+    --qlinear-backend=wgpu --qlinear-require --maxfail=20 --durations=10 $WGSL_TESTS
+}
+
+wgsl_bench() {
+  [[ -f "$SKIP" ]] && { echo "SKIP: $(cat "$SKIP")"; exit 77; }
+  PYTHONPATH="$PYTHONPATH:$SITE" "$PY" benchmarks/wgpu_bench.py --full --no-cpu \
+    --json "$OUT/wgpu_bench.json"
+}
+
+export -f facts suite memcheck racecheck bench skip wgsl wgsl_tests wgsl_bench
+
+TOTAL=0
+row() { printf '%-11s %4ss of %3ss  %s\n' "$@" | tee -a "$OUT/summary.txt"; }
+# step NAME LIMIT LOG FUNCTION: FUNCTION under a LIMIT-second timeout, logged whole to
+# $OUT/LOG. ONLY=a,b runs the steps named a or b (and a's sub-steps a-*) alone.
+step() {
+  local name=$1 limit=$2 log=$3 fn=$4 t0 rc status
+  if [[ -n "${ONLY:-}" && ",$ONLY," != *",$name,"* && ",$ONLY," != *",${name%%-*},"* ]]; then
+    row "$name" 0 "$limit" "not run (ONLY=$ONLY)"; return
+  fi
+  echo; echo "=== $name (at most ${limit}s; log $OUT/$log)"
+  t0=$SECONDS
+  timeout -k 5 "$limit" bash -c "$fn" 2>&1 | tee -a "$OUT/$log" | tail -n 25
+  rc=${PIPESTATUS[0]}
+  case $rc in
+    0) status=ok ;;
+    77) status="skipped: $(cat "$SKIP" 2>/dev/null)" ;;
+    124|137) status="TIMED OUT (exit $rc)" ;;
+    *) status="FAILED (exit $rc)" ;;
+  esac
+  TOTAL=$((TOTAL + SECONDS - t0))
+  row "$name" $((SECONDS - t0)) "$limit" "$status"
+}
+
+step facts       25 facts.log      facts
+step suite      200 suite-cuda.log suite
+step memcheck    60 sanitize.log   memcheck
+step racecheck   45 sanitize.log   racecheck
+step bench      100 cuda_bench.log bench
+step wgsl        20 wgsl.log       wgsl
+step wgsl-tests  50 wgsl.log       wgsl_tests
+step wgsl-bench  40 wgsl.log       wgsl_bench
+
+echo; echo "=== summary ($OUT/summary.txt; logs and JSON beside it)"
+echo "total ${TOTAL}s" >>"$OUT/summary.txt"
+cat "$OUT/summary.txt"
+ls "$OUT"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +50,75 @@ def test_arguments_and_defaults():
     assert (args.m, args.kn, args.dtype, args.json) == ([3], [(64, 96)], ["bf16"], "x.json")
     with pytest.raises(SystemExit):
         bench.parse_args(["--kn", "64by96"])
+
+
+def test_quick_is_the_reduced_set_and_explicit_options_win():
+    bench = _load()
+    args = bench.parse_args(["--quick"])
+    assert args.quick and args.m == [1, 16, 512]
+    assert args.kn == [(4096, 14336), (14336, 4096)]
+    assert (args.dtype, args.repeats, args.warmup) == (["f16"], 20, 3)
+    # The module's QUICK lists are not handed out to be changed by a caller.
+    args.m.append(99)
+    assert bench.parse_args(["--quick"]).m == [1, 16, 512]
+    args = bench.parse_args(["--quick", "--m", "7", "--repeats", "5", "--kn", "64x32"])
+    assert (args.m, args.kn, args.repeats, args.dtype) == ([7], [(64, 32)], 5, ["f16"])
+    assert not bench.parse_args([]).quick and bench.parse_args([]).repeats == 50
+    for bad in (["--repeats", "0"], ["--warmup", "-1"], ["--quick", "--m", "0"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+
+
+def _raw_row(bench, **over):
+    row = {"m": 16, "k": 4096, "n": 14336, "dtype": "f16", "qlinear_ms": 0.05,
+           "act_pass_ms": 0.004, "copy_gbps": 4000.0, "torch_w8a8_ms": 0.11, "fp16_ms": 0.08}
+    row.update(over)
+    return bench.derive(row)
+
+
+def test_json_rows_keep_the_documented_keys_and_the_raw_times():
+    bench = _load()
+    text = (SCRIPT.parent.parent / "BENCHMARKS.md").read_text()
+    documented = re.search(r"with keys `([^`]+)`", text)
+    assert documented, "BENCHMARKS.md names the keys of cuda_bench.py's JSON rows"
+    keys = [k.strip() for k in documented.group(1).split(",")]
+    assert keys == list(bench.RESULT_KEYS)
+    rng = np.random.default_rng()
+    m, k, n = (int(v) for v in rng.integers(1, 9000, 3))
+    times = {name: float(rng.uniform(0.01, 5)) for name in
+             ("qlinear_ms", "act_pass_ms", "torch_w8a8_ms", "fp16_ms")}
+    copy = float(rng.uniform(1000, 5000))
+    row = _raw_row(bench, m=m, k=k, n=n, dtype="bf16", copy_gbps=copy, **times)
+    assert set(bench.RESULT_KEYS) <= set(row)
+    json.loads(json.dumps(row))  # plain JSON values only
+    # Every derived figure is recomputable from the raw ones (independent formulas here).
+    assert row["weight_read_ms"] == pytest.approx(k * n / copy / 1e6)
+    assert row["act_pass_gbps"] == pytest.approx((m * k * 3 + m * 2) / times["act_pass_ms"] / 1e6)
+    assert row["tops"] == pytest.approx(2 * m * k * n / times["qlinear_ms"] / 1e9)
+    assert row["w8a8_over_ql"] == pytest.approx(times["torch_w8a8_ms"] / times["qlinear_ms"])
+    assert row["fp_over_ql"] == pytest.approx(times["fp16_ms"] / times["qlinear_ms"])
+    assert row["wread_over_ql"] == pytest.approx(row["weight_read_ms"] / times["qlinear_ms"])
+    no_torch = _raw_row(bench, torch_w8a8_ms=None, fp16_ms=None)
+    assert no_torch["w8a8_over_ql"] is None and no_torch["fp_over_ql"] is None
+    assert no_torch["wread_over_ql"] is not None
+
+
+def test_rows_carry_device_date_and_commit(monkeypatch, tmp_path):
+    bench = _load()
+    args = bench.parse_args(["--quick"])
+    monkeypatch.setenv("QLINEAR_COMMIT", "abc1234")
+    meta = bench.provenance(args, "NVIDIA H200")
+    assert meta["device"] == "NVIDIA H200" and meta["commit"] == "abc1234"
+    assert meta["date"][:4].isdigit() and "T" in meta["date"]
+    assert (meta["quick"], meta["repeats"], meta["warmup"]) == (True, 20, 3)
+    monkeypatch.delenv("QLINEAR_COMMIT")
+    assert bench.provenance(args, "x")["commit"]  # from git, or "unknown" outside a checkout
+    rows = [dict(_raw_row(bench), **meta), dict(_raw_row(bench, m=1), **meta)]
+    path = tmp_path / "rows.json"
+    bench.write_json(str(path), rows[:1])
+    bench.write_json(str(path), rows)
+    assert json.loads(path.read_text()) == rows
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.json"]
 
 
 def test_oracle_helpers():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -14,8 +15,12 @@ __all__ = ["git_commit", "run_meta"]
 
 
 def git_commit(where: Path | None = None) -> str:
-    """The short commit of the repository holding ``where`` (default: qlinear's source
-    tree), or ``"unknown"`` outside a git checkout."""
+    """``$QLINEAR_COMMIT`` when set (a copy of the tree without ``.git``, as on a lent GPU
+    machine, says which commit it is), else the short commit of the repository holding
+    ``where`` (default: qlinear's source tree), or ``"unknown"`` outside a git checkout."""
+    named = os.environ.get("QLINEAR_COMMIT", "").strip()
+    if named:
+        return named
     cwd = where or Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
