@@ -21,30 +21,23 @@ typedef unsigned long long u64_t;
 
 // ---------------------------------------------------------------------------------
 // Exact arithmetic in the compute type C (float, or double for f64). The _rn
-// intrinsics are never contracted into FMAs, so every backend rounds the same way.
+// intrinsics are never contracted into FMAs, so every backend rounds the same way; an
+// fma is only ever written out (fma_rn), where its single rounding is the point.
 __device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
 __device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 __device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
 __device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
-__device__ __forceinline__ float round_even(float a) { return rintf(a); }
-__device__ __forceinline__ double round_even(double a) { return rint(a); }
-__device__ __forceinline__ float abs_c(float a) { return fabsf(a); }
-__device__ __forceinline__ double abs_c(double a) { return fabs(a); }
-// NaN-ignoring max; NaN/Inf rows are tracked separately by a flag.
-__device__ __forceinline__ float max_c(float a, float b) { return fmaxf(a, b); }
-__device__ __forceinline__ double max_c(double a, double b) { return fmax(a, b); }
-__device__ __forceinline__ float min_c(float a, float b) { return fminf(a, b); }
-__device__ __forceinline__ double min_c(double a, double b) { return fmin(a, b); }
-// Bit tests rather than isfinite(): immune to any fast-math setting.
-__device__ __forceinline__ bool finite_c(float a) {
-    return (__float_as_uint(a) & 0x7f800000u) != 0x7f800000u;
-}
-__device__ __forceinline__ bool finite_c(double a) {
-    return (static_cast<u64_t>(__double_as_longlong(a)) & 0x7ff0000000000000ull) !=
-           0x7ff0000000000000ull;
-}
+// a * b + c rounded once.
+__device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+__device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
+// 1 / a correctly rounded (IEEE), as the division would give it.
+__device__ __forceinline__ float rcp_rn(float a) { return __frcp_rn(a); }
+__device__ __forceinline__ double rcp_rn(double a) { return __drcp_rn(a); }
+// Nearest integer, ties to even, in one conversion (out-of-range values saturate).
+__device__ __forceinline__ int rint_to_int(float a) { return __float2int_rn(a); }
+__device__ __forceinline__ int rint_to_int(double a) { return __double2int_rn(a); }
 template <typename C> __device__ __forceinline__ C from_int(int v);
 template <> __device__ __forceinline__ float from_int<float>(int v) { return __int2float_rn(v); }
 template <> __device__ __forceinline__ double from_int<double>(int v) { return __int2double_rn(v); }

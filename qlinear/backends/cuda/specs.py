@@ -89,10 +89,13 @@ def _b(v: bool) -> str:
     return "true" if v else "false"
 
 
-def _act_cache(dtype: DType, warp_rows: bool) -> int:
-    # 16-byte vectors each thread keeps in registers between the two passes. f64 rows
-    # per warp keep one: more makes ptxas spill around the IEEE division's slow path.
-    return 1 if (dtype == f64 and warp_rows) else 8
+def _act_cache(dtype: DType) -> int:
+    # 16-byte vectors each thread keeps in registers between the two passes, all loaded
+    # before the first is used (8 cover a warp's row of 2048 16-bit elements). f64 keeps
+    # none: the row's f64 division and reciprocal call slow-path routines that clobber so
+    # many registers that ptxas spills cached vectors around them (at 4 and at 8); its
+    # loads are issued four at a time from L1/L2 instead.
+    return 0 if dtype == f64 else 8
 
 
 def act_spec(dtype: DType, warp_rows: bool, vec: bool) -> KernelSpec:
@@ -102,7 +105,7 @@ def act_spec(dtype: DType, warp_rows: bool, vec: bool) -> KernelSpec:
     label = f"rowquant_{rows}_{'vec16' if vec else 'scalar'}"
     return KernelSpec("act_quant.cu", "qlinear_act_quant",
                       (_CTYPES[dtype.name], str(ACT_THREADS), _b(warp_rows), _b(vec),
-                       str(_act_cache(dtype, warp_rows))),
+                       str(_act_cache(dtype))),
                       ACT_THREADS, label)
 
 
