@@ -67,3 +67,18 @@ def float_encoder():
     from torch_helpers import Encoder
 
     return Encoder(seed=0).eval()
+
+
+@pytest.fixture(scope="session")
+def cuda_variants():
+    """Every kernel of every supported architecture compiled by NVRTC (no GPU needed):
+    ``{(arch, name expression): (KernelSpec, CacheEntry)}``, once per session; skipped with
+    the reason without cuda-python or NVRTC."""
+    pytest.importorskip("cuda.core")
+    from qlinear.backends import cuda as qc
+
+    try:
+        qc.nvrtc_version()
+    except Exception as e:
+        pytest.skip(f"NVRTC unavailable: {e}")
+    return qc.compile_all_variants(workers=min(8, os.cpu_count() or 1))
