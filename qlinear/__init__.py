@@ -17,7 +17,14 @@ from .backends import (
     backend_status,
 )
 from .dtypes import DType, bf16, f16, f32, f64, s8
-from .errors import BackendUnavailable, DeviceError, InvalidProblem, QlinearError, Unsupported
+from .errors import (
+    BackendUnavailable,
+    DeviceError,
+    InvalidProblem,
+    QlinearError,
+    QlinearWarning,
+    Unsupported,
+)
 from .layer import QuantizedLinear, quantize_weight
 from .plans import DynamicRangeQuantizePlan, QuantizedLinearPlan
 from .problem import (
@@ -36,6 +43,7 @@ __all__ = [
     "backend_status",
     "DType", "f32", "f16", "bf16", "f64", "s8",
     "QlinearError", "InvalidProblem", "Unsupported", "BackendUnavailable", "DeviceError",
+    "QlinearWarning",
     "QuantizedLinear", "quantize_weight",
     "QuantizedLinearPlan", "DynamicRangeQuantizePlan",
     "QuantizedLinearDescriptor", "DynamicRangeQuantizeDescriptor", "QuantizedLinearArgs",

@@ -100,7 +100,7 @@ def rig(monkeypatch):
                 self.events.append("launch")
                 self.launched.append((kernel, config, stream))
 
-            be._launch = launch
+            be._launcher._launch = launch
             return be
 
     rig = Rig()
@@ -231,7 +231,7 @@ def test_pdl_off_says_why(rig, monkeypatch, why):
         monkeypatch.setenv("QLINEAR_CUDA_PDL", "0")
     be = rig.make(cc=(8, 0) if why == "arch" else (9, 0))
     if why == "cuda.core":
-        be._LaunchConfig = OldLaunchConfig
+        be._launcher._LaunchConfig = OldLaunchConfig
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         exe = _decode(be)
@@ -252,7 +252,7 @@ def test_pdl_off_says_why(rig, monkeypatch, why):
 
 def test_a_refused_pdl_launch_warns_once_and_runs_without(rig):
     be = rig.make()
-    plain_launch = be._launch
+    plain_launch = be._launcher._launch
     attempts = []
 
     def driver_without_pdl(stream, config, kernel, *args):
@@ -261,7 +261,7 @@ def test_a_refused_pdl_launch_warns_once_and_runs_without(rig):
             raise RuntimeError("CUDA_ERROR_NOT_SUPPORTED: operation not supported")
         plain_launch(stream, config, kernel, *args)
 
-    be._launch = driver_without_pdl
+    be._launcher._launch = driver_without_pdl
     exe = _decode(be)
     assert exe.sku == DECODE_SKU.format("+pdl")
     tensors = _linear_tensors(be, 1, 4096, 4096, ql.f16)
@@ -286,7 +286,7 @@ def test_a_launch_failing_without_pdl_too_leaves_pdl_on(rig):
         raise RuntimeError("CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES")
 
     exe = _decode(be)
-    be._launch = broken
+    be._launcher._launch = broken
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(ql.DeviceError, match="qlinear_act_quant") as info:

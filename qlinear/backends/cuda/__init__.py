@@ -22,11 +22,15 @@ The modules, one concept each, from the sources up to the device:
 - :mod:`.specs`: :class:`KernelSpec`, the tile tables, every variant per architecture;
 - :mod:`.select`: the pure choice of kernels and launch geometry for a shape;
 - :mod:`.compile`: NVRTC, the cache key, compiling every variant, the ptxas report;
+- :mod:`.sass`: the cubins' machine code read back with nvdisasm, for the tests of its
+  properties;
 - :mod:`.driver`: the cuda-core names checked up front, finding libcuda without calling
-  it, driver errors as ours, device memory that is freed after the device's work;
+  it, driver errors as ours;
+- :mod:`.memory`: device memory that is freed only after the device's work;
 - :mod:`.interop`: foreign arrays (``__cuda_array_interface__``, DLPack) and streams;
+- :mod:`.launcher`: launch configurations, programmatic dependent launch and why not;
 - :mod:`.executables`: what plans run, the launch glue;
-- :mod:`.backend`: :class:`CudaBackend` (device, tensors, kernel loading, launches) and
+- :mod:`.backend`: :class:`CudaBackend` (device, tensors, kernel loading) and
   :func:`create`.
 
 Sources, specs, selection and compilation work without a GPU or a driver (selection

@@ -5,14 +5,13 @@ from __future__ import annotations
 import math
 import os
 import threading
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from ...dtypes import DType, DTypeLike
-from ...errors import BackendUnavailable, DeviceError, InvalidProblem, QlinearWarning, Unsupported
+from ...errors import BackendUnavailable, DeviceError, InvalidProblem, Unsupported
 from ...kernel_cache import KernelCache
 from ...problem import DynamicRangeQuantizeDescriptor, QuantizedLinearDescriptor
 from ...tensors import Tensor, contiguous_strides, host_view
@@ -20,7 +19,6 @@ from ...validate import check_new_tensor, host_array
 from ..base import Backend
 from .compile import CompileOptions, compile_module, device_arch, nvrtc_version
 from .driver import (
-    DeviceMemory,
     check_cuda_core,
     cu_check,
     driver_version,
@@ -29,6 +27,8 @@ from .driver import (
 )
 from .executables import CudaLinearExecutable, CudaQuantizeExecutable
 from .interop import Streams, cai_view, dlpack_view
+from .launcher import Launcher
+from .memory import DeviceMemory
 from .specs import KernelSpec, arch_number
 
 __all__ = ["CudaBackend", "create"]
@@ -49,11 +49,7 @@ class CudaBackend(Backend):
     torch_device_type = "cuda"
 
     def __init__(self, device: Any, *, cache: KernelCache | None = None) -> None:
-        from cuda.core import LaunchConfig, launch
-
         self._device = device
-        self._launch = launch
-        self._LaunchConfig = LaunchConfig
         self._cache = cache
         self._streams = Streams(device)
         self.ordinal = int(device.device_id)
@@ -65,17 +61,9 @@ class CudaBackend(Backend):
         self.sm_count = int(device.properties.multiprocessor_count)
         self._kernels: dict[str, Any] = {}
         self._modules: list[Any] = []  # loaded ObjectCode, kept alive with their kernels
-        self._configs: dict[tuple[Any, ...], Any] = {}
         self._lock = threading.RLock()
         self._context: Any = None  # the CUcontext device memory is freed in
-        # Programmatic dependent launch: None until probed (on the first plan that has a
-        # kernel for it), then whether launches use it, and why not.
-        self._pdl: bool | None = None
-        self._pdl_off = ""
-        if os.environ.get("QLINEAR_CUDA_PDL", "1") == "0":
-            self._pdl, self._pdl_off = False, "QLINEAR_CUDA_PDL=0"
-        elif self._arch_number < 90:
-            self._pdl, self._pdl_off = False, f"{self.arch} has none (it needs sm_90+)"
+        self._launcher = Launcher(self.arch, self._arch_number)
 
     # -- device ----------------------------------------------------------------------
     @property
@@ -152,77 +140,23 @@ class CudaBackend(Backend):
             self._kernels[spec.name_expression] = k
             return k
 
-    def _config(self, grid: tuple[int, ...], threads: int, pdl: bool) -> Any:
-        key = (grid, threads, pdl)
-        config = self._configs.get(key)
-        if config is None:
-            kwargs = {"programmatic_stream_serialization": True} if pdl else {}
-            config = self._configs[key] = self._LaunchConfig(grid=grid, block=threads, **kwargs)
-        return config
-
-    # -- programmatic dependent launch ---------------------------------------------------
+    # -- launches ----------------------------------------------------------------------
     def pdl_enabled(self) -> bool:
-        """Whether kernels marked ``pdl`` are launched with programmatic dependent launch.
-        Decided on the first ask (plans ask when selected, so their ``sku`` is truthful):
-        off with ``QLINEAR_CUDA_PDL=0``, below sm_90, or where cuda.core cannot express
-        it; turned off later if the driver refuses a launch with it (with a warning)."""
-        pdl = self._pdl
-        if pdl is None:
-            with self._lock:
-                if self._pdl is None:
-                    try:
-                        self._LaunchConfig(grid=(1,), block=(32,),
-                                           programmatic_stream_serialization=True)
-                        self._pdl = True
-                    except Exception as e:
-                        self._refuse_pdl("cuda.core's LaunchConfig refused it", e)
-                pdl = bool(self._pdl)
-        return pdl
+        """Whether kernels marked ``pdl`` use programmatic dependent launch
+        (:class:`~.launcher.Launcher`)."""
+        return self._launcher.pdl_enabled()
 
     def pdl_status(self) -> str:
-        """``"on"``, or ``"off: <why>"`` (the setting, the architecture, or the refusal
-        with its native error)."""
-        return "on" if self.pdl_enabled() else f"off: {self._pdl_off}"
-
-    def _refuse_pdl(self, what: str, error: BaseException) -> None:
-        with self._lock:
-            if self._pdl is False:  # already off, and said so
-                return
-            self._pdl = False
-            self._pdl_off = f"{what} ({type(error).__name__}: {error})"
-        warnings.warn(
-            f"cuda: programmatic dependent launch is off from now on: {self._pdl_off}; "
-            f"kernels wait for their predecessor in plain stream order instead (results "
-            f"are the same). Set QLINEAR_CUDA_PDL=0 to skip it.",
-            QlinearWarning, stacklevel=3)
+        """``"on"``, or ``"off: <why>"``."""
+        return self._launcher.pdl_status()
 
     def launch(self, spec: KernelSpec, grid: tuple[int, ...], stream: Any, *args: Any) -> None:
         """Launch ``spec`` on ``grid`` blocks of ``spec.threads`` threads on ``stream``
         (anything :meth:`stream` accepts) with ``args``; asynchronous. The device is made
-        current first.
-
-        Kernels marked ``pdl`` use programmatic dependent launch while
-        :meth:`pdl_enabled` (they wait for their producer themselves). A launch with it
-        that is refused, where the same launch without it is accepted, turns it off for
-        the backend with a :class:`~qlinear.errors.QlinearWarning`."""
-        kernel = self.kernel(spec)
-        s = self.stream(stream)
-        pdl = spec.pdl and (self._pdl if self._pdl is not None else self.pdl_enabled())
-        try:
-            self._launch(s, self._config(grid, spec.threads, pdl), kernel, *args)
-            return
-        except Exception as e:
-            if not pdl:
-                raise DeviceError(f"launching {spec.name_expression} on grid {grid} failed",
-                                  native=str(e)) from None
-            refused = e
-        try:
-            self._launch(s, self._config(grid, spec.threads, False), kernel, *args)
-        except Exception as e:
-            raise DeviceError(f"launching {spec.name_expression} on grid {grid} failed",
-                              native=str(e)) from None
-        self._refuse_pdl(f"the driver refused launching {spec.name_expression} with it",
-                         refused)
+        current first; kernels marked ``pdl`` use programmatic dependent launch while
+        :meth:`pdl_enabled` (see :class:`~.launcher.Launcher`)."""
+        self._launcher.launch(self.kernel(spec), spec.name_expression, grid, spec.threads,
+                              spec.pdl, self.stream(stream), *args)
 
     def linear_executable(self, desc: QuantizedLinearDescriptor) -> CudaLinearExecutable:
         """The executable for ``desc``: the activation pass, then the int8 GEMM with the
@@ -244,7 +178,7 @@ class CudaBackend(Backend):
                       data_ptr=int(ptr), owner=owner, readonly=readonly)
 
     def empty(self, shape: Sequence[int], dtype: DTypeLike) -> Tensor:
-        """A new device tensor; its handle is a :class:`~.driver.DeviceMemory`, freed when
+        """A new device tensor; its handle is a :class:`~.memory.DeviceMemory`, freed when
         the last tensor viewing it is gone, after the work on every stream of the device
         (a stream-ordered pool could reuse it under a kernel of another stream).
         ``shape`` and ``dtype`` are checked by :func:`qlinear.validate.check_new_tensor`

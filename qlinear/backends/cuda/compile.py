@@ -18,6 +18,7 @@ from typing import Any
 from ...errors import BackendUnavailable, DeviceError, Unsupported
 from ...kernel_cache import CacheEntry, KernelCache, default_cache
 from .. import install_hint
+from .driver import check_cuda_core
 from .sources import expand_source
 from .specs import SUPPORTED_ARCHS, KernelSpec, kernel_variants
 
@@ -105,6 +106,7 @@ def _header_options() -> tuple[dict[str, Any], str]:
     ``<cuda_bf16.h>`` visible: NVRTC's bundled headers where the installed cuda.core and
     NVRTC support them, else the include folder of the ``nvidia-cuda-runtime`` wheel (or
     toolkit) that cuda.pathfinder finds."""
+    check_cuda_core()  # an old cuda-core is BackendUnavailable here too, not an ImportError
     from cuda.core import Program, ProgramOptions
 
     probe = "#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n__global__ void qlinear_probe() {}\n"
