@@ -36,8 +36,9 @@ __all__ = ["CudaBackend", "create"]
 
 class CudaBackend(Backend):
     """One NVIDIA GPU through cuda.core: kernels compiled by NVRTC for the device's own
-    architecture; tensors are cuda.core buffers or any object exposing
-    ``__cuda_array_interface__`` or ``__dlpack__`` (torch, CuPy), wrapped without a copy.
+    architecture; tensors are its own device memory (``empty``, ``from_numpy``) or any
+    object exposing ``__cuda_array_interface__`` or ``__dlpack__`` (torch, CuPy), wrapped
+    without a copy.
 
     Runs are asynchronous on the stream given to ``plan.run`` (a cuda.core ``Stream``, a
     raw ``CUstream`` handle as an int, or any object with ``__cuda_stream__``; None: the
