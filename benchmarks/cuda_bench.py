@@ -399,8 +399,7 @@ def derive(row: dict) -> dict:
 
 def provenance(args, device: str) -> dict:
     """What every JSON row carries besides its figures: device, date, commit, settings."""
-    # The GPU machine gets a copy of the tree without .git: the caller names the commit.
-    commit = os.environ.get("QLINEAR_COMMIT", "").strip() or git_commit()
+    commit = git_commit()  # $QLINEAR_COMMIT where the tree travelled without .git
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return {"device": device, "date": stamp, "commit": commit, "quick": args.quick,
             "repeats": args.repeats, "warmup": args.warmup}

@@ -38,7 +38,8 @@ facts() {
   nvidia-smi --format=csv --query-gpu=name,driver_version,memory.total,compute_cap,\
 clocks.sm,clocks.max.sm,power.limit,temperature.gpu || rc=1
   gpu=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)
-  commit=$(git rev-parse --short HEAD 2>/dev/null || echo "${QLINEAR_COMMIT:-unknown}")
+  # As qlinear.bench.git_commit reads it: a named commit first, then the repository.
+  commit=${QLINEAR_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
   if [[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]]; then
     commit+=" with uncommitted changes"
   fi
