@@ -16,7 +16,7 @@ from .backends import (
     backend_names,
     backend_status,
 )
-from .dtypes import DType, bf16, f16, f32, f64, s8
+from .dtypes import DType, bf16, f16, f32, f64, s8, s32
 from .errors import (
     BackendUnavailable,
     DeviceError,
@@ -34,6 +34,7 @@ from .problem import (
     QuantizedLinearDescriptor,
     max_exact_k,
 )
+from .schemes import ActivationScheme, weight_colsum
 from .tensors import Tensor
 
 __version__ = "0.1.0"
@@ -41,12 +42,12 @@ __version__ = "0.1.0"
 __all__ = [
     "Backend", "BackendStatus", "Executable", "PrecisionGuarantee", "backend", "backend_names",
     "backend_status",
-    "DType", "f32", "f16", "bf16", "f64", "s8",
+    "DType", "f32", "f16", "bf16", "f64", "s8", "s32",
     "QlinearError", "InvalidProblem", "Unsupported", "BackendUnavailable", "DeviceError",
     "QlinearWarning",
     "QuantizedLinear", "quantize_weight",
     "QuantizedLinearPlan", "DynamicRangeQuantizePlan",
     "QuantizedLinearDescriptor", "DynamicRangeQuantizeDescriptor", "QuantizedLinearArgs",
-    "DynamicRangeQuantizeArgs", "max_exact_k",
+    "DynamicRangeQuantizeArgs", "max_exact_k", "ActivationScheme", "weight_colsum",
     "Tensor",
 ]

@@ -1,4 +1,5 @@
-"""Element types: f32, f16, bf16, f64 (activations, scales, outputs) and s8 (quantized values).
+"""Element types: f32, f16, bf16, f64 (activations, scales, outputs), s8 (quantized values)
+and s32 (per-row zero points and weight column sums of the asymmetric schemes).
 
 bf16 on the host is ``ml_dtypes.bfloat16``.
 """
@@ -13,7 +14,8 @@ import numpy as np
 
 from .errors import InvalidProblem
 
-__all__ = ["DType", "DTypeLike", "f32", "f16", "bf16", "f64", "s8", "FLOAT_DTYPES", "as_dtype"]
+__all__ = ["DType", "DTypeLike", "f32", "f16", "bf16", "f64", "s8", "s32", "FLOAT_DTYPES",
+           "as_dtype"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,13 +43,14 @@ f16 = DType("f16", np.dtype(np.float16), 2, True)
 bf16 = DType("bf16", np.dtype(ml_dtypes.bfloat16), 2, True)
 f64 = DType("f64", np.dtype(np.float64), 8, True)
 s8 = DType("s8", np.dtype(np.int8), 1, False)
+s32 = DType("s32", np.dtype(np.int32), 4, False)
 
 #: The activation / output types (TIn), in the order tests and the CLI list them.
 FLOAT_DTYPES = (f32, f16, bf16, f64)
-_ALL = (f32, f16, bf16, f64, s8)
+_ALL = (f32, f16, bf16, f64, s8, s32)
 _ALIASES = {
     "float32": f32, "float16": f16, "half": f16, "bfloat16": bf16,
-    "float64": f64, "double": f64, "int8": s8,
+    "float64": f64, "double": f64, "int8": s8, "int32": s32,
 }
 
 
@@ -81,5 +84,6 @@ def as_dtype(value: Any, *, name: str = "dtype") -> DType:
             if d.numpy == npd:
                 return d
     raise InvalidProblem(
-        f"{name}: expected one of f32, f16, bf16, f64, s8 (or their numpy dtypes), got {value!r}"
+        f"{name}: expected one of f32, f16, bf16, f64, s8, s32 (or their numpy dtypes), "
+        f"got {value!r}"
     )

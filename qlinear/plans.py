@@ -14,7 +14,7 @@ from . import validate
 from .backends import Backend, Executable, PrecisionGuarantee
 from .backends import backend as get_backend
 from .dtypes import FLOAT_DTYPES, DType
-from .errors import InvalidProblem, QlinearError
+from .errors import InvalidProblem, QlinearError, Unsupported
 from .problem import (
     DynamicRangeQuantizeDescriptor,
     LinearTensors,
@@ -22,6 +22,7 @@ from .problem import (
     QuantizeTensors,
     check_int,
 )
+from .schemes import ActivationScheme
 
 BackendLike = Union[Backend, str, None]  # noqa: UP007 (a runtime alias on 3.10)
 _PlanT = TypeVar("_PlanT", bound="_Plan")
@@ -59,6 +60,12 @@ class _Plan:
                 f"descriptor: expected {cls._descriptor_type.__name__}, "
                 f"got {type(descriptor).__name__}")
         be = get_backend(backend)
+        scheme: ActivationScheme = getattr(descriptor, "scheme")  # noqa: B009 (both types have it)
+        if scheme not in be.activation_schemes:
+            runs = ", ".join(sorted(str(s) for s in be.activation_schemes))
+            raise Unsupported(
+                f"scheme: the {be.name} backend runs the activation schemes {runs}, "
+                f"got {scheme.value!r}")
         return cls(be, descriptor, cls._make_executable(be, descriptor))
 
     @property

@@ -15,6 +15,7 @@ import numpy as np
 
 from .dtypes import DType, as_dtype
 from .errors import InvalidProblem
+from .schemes import ActivationScheme, as_scheme
 from .tensors import Tensor, TensorLike
 
 __all__ = [
@@ -40,10 +41,12 @@ DECODE_MAX_M = 16
 _W_ABS_MAX = 128
 
 
-def max_exact_k(q_min: int = -127, q_max: int = 127) -> int:
-    """The largest K for which ``sum_k q*w`` cannot overflow int32:
-    ``K * max(|q_min|, |q_max|) * 128 <= 2**31 - 1``."""
-    return INT32_MAX // (max(-q_min, q_max) * _W_ABS_MAX)
+def max_exact_k(q_min: int = -127, q_max: int = 127, asymmetric: bool = False) -> int:
+    """The largest K for which the int32 accumulation cannot overflow:
+    ``K * max(|q_min|, |q_max|) * 128 <= 2**31 - 1``, or with a zero point (``asymmetric``)
+    ``K * (q_max - q_min) * 128 <= 2**31 - 1``, since ``q - zp`` then spans the whole range."""
+    span = (q_max - q_min) if asymmetric else max(-q_min, q_max)
+    return INT32_MAX // (span * _W_ABS_MAX)
 
 
 def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None,
@@ -72,12 +75,15 @@ def _size(name: str, value: Any) -> int:
 
 
 def _normalise(desc: Any, sizes: tuple[str, ...]) -> None:
-    """The checks both descriptors share: sizes, dtype and q range, stored normalised
-    on the frozen ``desc``."""
+    """The checks both descriptors share: sizes, dtype, scheme and q range, stored
+    normalised on the frozen ``desc``."""
     for name in sizes:
         object.__setattr__(desc, name, _size(name, getattr(desc, name)))
     object.__setattr__(desc, "dtype", _float_dtype(desc.dtype))
-    q_min, q_max = _q_range(desc.q_min, desc.q_max)
+    scheme = as_scheme(desc.scheme)
+    object.__setattr__(desc, "scheme", scheme)
+    q_min = scheme.default_q_min if desc.q_min is None else desc.q_min
+    q_min, q_max = _q_range(q_min, desc.q_max)
     object.__setattr__(desc, "q_min", q_min)
     object.__setattr__(desc, "q_max", q_max)
 
@@ -109,28 +115,38 @@ class QuantizedLinearDescriptor:
         k: input features.
         dtype: TIn, the type of activation, scales, bias and output (f32, f16, bf16, f64;
             a :class:`DType` or anything :func:`qlinear.dtypes.as_dtype` takes).
-        q_min, q_max: activation quantization range, default -127..127; int8, q_min < 0 < q_max.
+        q_min, q_max: activation quantization range; int8, q_min < 0 < q_max. ``q_min``
+            defaults to -127 for the symmetric schemes and -128 for the asymmetric ones;
+            ``q_max`` to 127.
+        scheme: how activations are quantized, an :class:`ActivationScheme` or its name
+            (``"dynamic"``, ``"static"``, ``"static_asym"``, ``"dynamic_asym"``); the
+            default is dynamic per-token symmetric.
     """
 
     m: int
     c_out: int
     k: int
     dtype: DType
-    q_min: int = -127
+    q_min: int = None  # type: ignore[assignment]  # normalised to an int by __post_init__
     q_max: int = 127
+    scheme: ActivationScheme = ActivationScheme.DYNAMIC
 
     def __post_init__(self) -> None:
         _normalise(self, ("m", "c_out", "k"))
-        limit = max_exact_k(self.q_min, self.q_max)
+        asym = self.scheme.asymmetric
+        limit = max_exact_k(self.q_min, self.q_max, asym)
         if self.k > limit:
+            span = (f"(q_max - q_min) = {self.q_max - self.q_min}" if asym
+                    else f"{max(-self.q_min, self.q_max)}")
             raise InvalidProblem(
                 f"k: expected at most {limit} so that the int32 accumulation is exact "
-                f"(K * {max(-self.q_min, self.q_max)} * 128 < 2**31), got {self.k}")
+                f"(K * {span} * 128 < 2**31), got {self.k}")
 
     @property
     def activation_pass(self) -> DynamicRangeQuantizeDescriptor:
         """The descriptor of this problem's activation pass alone."""
-        return DynamicRangeQuantizeDescriptor(self.m, self.k, self.dtype, self.q_min, self.q_max)
+        return DynamicRangeQuantizeDescriptor(self.m, self.k, self.dtype, self.q_min, self.q_max,
+                                              self.scheme)
 
     @property
     def is_decode(self) -> bool:
@@ -145,13 +161,16 @@ class QuantizedLinearDescriptor:
 
 @dataclass(frozen=True)
 class DynamicRangeQuantizeDescriptor:
-    """The activation pass alone: ``x[m, k]`` (TIn) -> ``q[m, k]`` (s8) and ``scale[m]`` (TIn)."""
+    """The activation pass alone: ``x[m, k]`` (TIn) -> ``q[m, k]`` (s8), ``scale[m]`` (TIn) and,
+    with an asymmetric scheme, ``zp[m]`` (s32). Arguments as for
+    :class:`QuantizedLinearDescriptor`."""
 
     m: int
     k: int
     dtype: DType
-    q_min: int = -127
+    q_min: int = None  # type: ignore[assignment]  # normalised to an int by __post_init__
     q_max: int = 127
+    scheme: ActivationScheme = ActivationScheme.DYNAMIC
 
     def __post_init__(self) -> None:
         _normalise(self, ("m", "k"))
@@ -160,26 +179,39 @@ class DynamicRangeQuantizeDescriptor:
 # -- arguments ----------------------------------------------------------------------
 #
 # Each argument is declared once, in its Args class, with what validation needs to
-# know as field metadata: its shape (in descriptor attribute names), whether its
-# element type is TIn or s8, whether the run writes it, and whether it may be None.
+# know as field metadata: its shape (in descriptor attribute names), its element type
+# (TIn, s8, s32, or a host scalar), whether the run writes it, whether it may be None,
+# and which schemes use it.
 
 
 @dataclass(frozen=True)
 class ArgumentSpec:
-    """What one argument must be: ``shape`` as descriptor attribute names (``("m", "k")``),
-    ``int8`` (s8) or TIn, ``written`` by the run, ``optional`` (None allowed)."""
+    """What one argument must be.
+
+    Attributes:
+        shape: descriptor attribute names (``("m", "k")``); ``()`` for a host scalar.
+        elem: ``"tin"`` (the descriptor's dtype), ``"s8"``, ``"s32"``, or a host scalar:
+            ``"scale"`` (a real number, see :func:`qlinear.schemes.check_input_scale`) or
+            ``"zero_point"`` (an integer in ``q_min..q_max``).
+        written: the run writes it.
+        optional: None is allowed.
+        when: an :class:`ActivationScheme` property (``"asymmetric"``): the argument is
+            required when the descriptor's scheme has it and must be None otherwise.
+    """
 
     name: str
     shape: tuple[str, ...]
-    int8: bool = False
+    elem: str = "tin"
     written: bool = False
     optional: bool = False
+    when: str | None = None
 
 
-def _arg(*shape: str, int8: bool = False, written: bool = False,
-         optional: bool = False) -> Any:
-    spec = {"shape": shape, "int8": int8, "written": written, "optional": optional}
-    return field(default=None, metadata=spec) if optional else field(metadata=spec)
+def _arg(*shape: str, elem: str = "tin", written: bool = False, optional: bool = False,
+         when: str | None = None) -> Any:
+    spec = {"shape": shape, "elem": elem, "written": written, "optional": optional,
+            "when": when}
+    return field(default=None, metadata=spec) if optional or when else field(metadata=spec)
 
 
 @functools.cache
@@ -197,27 +229,41 @@ class QuantizedLinearArgs:
         activation ``x[M, K]`` TIn; weight_q ``[C_out, K]`` s8; weight_scale ``[C_out]`` TIn;
         output ``y[M, C_out]`` TIn; act_q_scratch ``[M, K]`` s8; act_scale_scratch ``[M]`` TIn;
         bias ``[C_out]`` TIn or None.
+    With an asymmetric scheme (``static_asym``, ``dynamic_asym``), and None otherwise:
+        act_zp_scratch ``[M]`` s32 (written: the rows' zero points); weight_colsum
+        ``[C_out]`` s32, ``sum_k weight_q[n, k]`` (:func:`qlinear.weight_colsum`).
+    With a static scheme, and None otherwise: input_scale, a host real number (finite,
+        > 0, used rounded to TIn); with ``static_asym``: input_zero_point, a host integer
+        in ``q_min..q_max``.
     The scratches are caller-owned and reusable across runs; after a run they hold the
-    quantized activation and its per-row scales.
+    quantized activation, its per-row scales (and zero points).
     """
 
     activation: TensorLike = _arg("m", "k")
-    weight_q: TensorLike = _arg("c_out", "k", int8=True)
+    weight_q: TensorLike = _arg("c_out", "k", elem="s8")
     weight_scale: TensorLike = _arg("c_out")
     output: TensorLike = _arg("m", "c_out", written=True)
-    act_q_scratch: TensorLike = _arg("m", "k", int8=True, written=True)
+    act_q_scratch: TensorLike = _arg("m", "k", elem="s8", written=True)
     act_scale_scratch: TensorLike = _arg("m", written=True)
     bias: TensorLike | None = _arg("c_out", optional=True)
+    act_zp_scratch: TensorLike | None = _arg("m", elem="s32", written=True, when="asymmetric")
+    weight_colsum: TensorLike | None = _arg("c_out", elem="s32", when="asymmetric")
+    input_scale: Any = _arg(elem="scale", when="static")
+    input_zero_point: Any = _arg(elem="zero_point", when="static_zero_point")
 
 
 @dataclass
 class DynamicRangeQuantizeArgs:
     """The tensors of one activation pass: activation ``x[M, K]`` TIn, act_q ``[M, K]`` s8
-    (output), act_scale ``[M]`` TIn (output)."""
+    (output), act_scale ``[M]`` TIn (output); act_zp ``[M]`` s32 (output) with an asymmetric
+    scheme; input_scale and input_zero_point as for :class:`QuantizedLinearArgs`."""
 
     activation: TensorLike = _arg("m", "k")
-    act_q: TensorLike = _arg("m", "k", int8=True, written=True)
+    act_q: TensorLike = _arg("m", "k", elem="s8", written=True)
     act_scale: TensorLike = _arg("m", written=True)
+    act_zp: TensorLike | None = _arg("m", elem="s32", written=True, when="asymmetric")
+    input_scale: Any = _arg(elem="scale", when="static")
+    input_zero_point: Any = _arg(elem="zero_point", when="static_zero_point")
 
 
 # -- validated bundles ----------------------------------------------------------------
@@ -226,7 +272,8 @@ class DynamicRangeQuantizeArgs:
 @dataclass(frozen=True, slots=True)
 class LinearTensors:
     """:class:`QuantizedLinearArgs` after validation: every argument a checked
-    :class:`Tensor` of the plan's backend (``bias`` may be None). What executables run on."""
+    :class:`Tensor` of the plan's backend (``bias`` and the scheme's extras may be None),
+    host scalars checked and normalised. What executables run on."""
 
     args_type: ClassVar[type] = QuantizedLinearArgs
 
@@ -237,6 +284,12 @@ class LinearTensors:
     act_q_scratch: Tensor
     act_scale_scratch: Tensor
     bias: Tensor | None
+    act_zp_scratch: Tensor | None = None
+    weight_colsum: Tensor | None = None
+    #: The static scale rounded to TIn, as a Python float (None with a dynamic scheme).
+    input_scale: float | None = None
+    #: The static zero point (None unless the scheme is ``static_asym``).
+    input_zero_point: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,3 +301,6 @@ class QuantizeTensors:
     activation: Tensor
     act_q: Tensor
     act_scale: Tensor
+    act_zp: Tensor | None = None
+    input_scale: float | None = None
+    input_zero_point: int | None = None

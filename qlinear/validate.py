@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 import numpy as np
 
-from .dtypes import DType, as_dtype, s8
+from .dtypes import DType, as_dtype, s8, s32
 from .errors import InvalidProblem
 from .problem import (
     DynamicRangeQuantizeArgs,
@@ -33,6 +33,7 @@ from .problem import (
     argument_specs,
     check_int,
 )
+from .schemes import check_input_scale
 from .tensors import Tensor
 
 if TYPE_CHECKING:
@@ -110,42 +111,71 @@ def check_no_alias(written: Mapping[str, Tensor], others: Mapping[str, Tensor]) 
 
 
 Expectations = tuple[tuple[Any, ...], ...]
+_ELEM_DTYPES = {"s8": s8, "s32": s32}
 
 
 @functools.lru_cache(maxsize=256)
 def expectations(args_type: type, desc: Descriptor) -> Expectations:
-    """``(name, shape, dtype, written, optional)`` of every argument of ``args_type`` for
-    ``desc``: what :func:`check_args` checks. A plan computes them once, when selected."""
-    return tuple((spec.name, tuple(getattr(desc, dim) for dim in spec.shape),
-                  s8 if spec.int8 else desc.dtype, spec.written, spec.optional)
-                 for spec in argument_specs(args_type))
+    """``(name, shape, dtype or scalar kind, written, presence)`` of every argument of
+    ``args_type`` for ``desc``: what :func:`check_args` checks. ``presence`` is
+    ``"required"``, ``"optional"`` (None allowed) or ``"absent"`` (must be None: the
+    descriptor's scheme does not use it). A plan computes them once, when selected."""
+    out = []
+    for spec in argument_specs(args_type):
+        if spec.when is not None:
+            presence = "required" if getattr(desc.scheme, spec.when) else "absent"
+        else:
+            presence = "optional" if spec.optional else "required"
+        kind = spec.elem if spec.elem in ("scale", "zero_point") else (
+            _ELEM_DTYPES.get(spec.elem, desc.dtype))
+        out.append((spec.name, tuple(getattr(desc, dim) for dim in spec.shape), kind,
+                    spec.written, presence))
+    return tuple(out)
+
+
+def _check_scalar(desc: Descriptor, name: str, kind: str, obj: Any) -> float | int:
+    if kind == "scale":
+        return check_input_scale(obj, desc.dtype, name)
+    return check_int(name, obj, desc.q_min, desc.q_max, f" (q_min..q_max of scheme "
+                                                       f"{desc.scheme.value!r})")
 
 
 def check_args(backend: Backend, desc: Descriptor, args: Any, bundle: type[Bundle],
                expected: Expectations | None = None) -> Bundle:
     """Check every argument of ``args`` (an instance of ``bundle.args_type``) against
     ``desc`` on ``backend``, then that no written argument overlaps another; return the
-    checked tensors as a ``bundle``. ``expected``: :func:`expectations` of ``desc``, when
-    the caller keeps them."""
+    checked tensors (and normalised host scalars) as a ``bundle``. ``expected``:
+    :func:`expectations` of ``desc``, when the caller keeps them."""
     args_type = bundle.args_type
     if not isinstance(args, args_type):
         raise InvalidProblem(f"args: expected {args_type.__name__}, got {type(args).__name__}")
-    tensors: list[Any] = []
+    values: list[Any] = []
     written: dict[str, Tensor] = {}
     read: dict[str, Tensor] = {}
     if expected is None:
         expected = expectations(args_type, desc)
-    for name, shape, dtype, is_written, optional in expected:
+    for name, shape, kind, is_written, presence in expected:
         obj = getattr(args, name)
-        if obj is None and optional:
-            tensors.append(None)
+        if obj is None and presence != "required":
+            values.append(None)
             continue
-        t = check_tensor(backend, name, obj, shape, dtype)
-        tensors.append(t)
+        if presence == "absent":
+            raise InvalidProblem(
+                f"{name}: expected None with scheme {desc.scheme.value!r}, "
+                f"got {type(obj).__name__}")
+        if isinstance(kind, str):
+            if obj is None:
+                raise InvalidProblem(
+                    f"{name}: expected {'a real number' if kind == 'scale' else 'an integer'} "
+                    f"with scheme {desc.scheme.value!r}, got None")
+            values.append(_check_scalar(desc, name, kind, obj))
+            continue
+        t = check_tensor(backend, name, obj, shape, kind)
+        values.append(t)
         (written if is_written else read)[name] = t
     check_no_alias(written, read)
     # In declaration order, which the bundle's fields follow (a test checks it).
-    return bundle(*tensors)
+    return bundle(*values)
 
 
 def linear_args(backend: Backend, desc: QuantizedLinearDescriptor,

@@ -66,8 +66,9 @@ def test_dtypes():
     assert ql.dtypes.as_dtype(np.float16) is ql.f16
     assert ql.dtypes.as_dtype("float32") is ql.f32
     assert pickle.loads(pickle.dumps(ql.bf16)) is ql.bf16
+    assert ql.dtypes.as_dtype("int32") is ql.s32
     with pytest.raises(ql.InvalidProblem, match="dtype"):
-        ql.dtypes.as_dtype("int32")
+        ql.dtypes.as_dtype("int16")
 
 
 def test_backend_registry():

@@ -195,7 +195,9 @@ def test_numpy_views_on_cpu():
     big = host("activation", (M, 2 * K))
     with pytest.raises(ql.InvalidProblem, match="activation.*contiguous"):
         plan.run(ql.QuantizedLinearArgs(**(t | {"activation": big[:, ::2]})))
-    with pytest.raises(ql.InvalidProblem, match="output.*int32"):
+    with pytest.raises(ql.InvalidProblem, match="output.*int16"):
+        plan.run(ql.QuantizedLinearArgs(**(t | {"output": np.zeros((M, N), np.int16)})))
+    with pytest.raises(ql.InvalidProblem, match="output: expected dtype f32, got s32"):
         plan.run(ql.QuantizedLinearArgs(**(t | {"output": np.zeros((M, N), np.int32)})))
     raw = np.zeros(M * 6 * 2 + 8, np.uint8)
     odd = np.lib.stride_tricks.as_strided(raw.view(np.float32)[:1], shape=(N,), strides=(6,))

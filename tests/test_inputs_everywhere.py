@@ -193,12 +193,13 @@ def test_empty_with_a_bad_shape(qlinear_backend, shape, message):
 
 
 BAD_DTYPES = [
-    ("int32", "dtype: expected one of f32, f16, bf16, f64, s8 (or their numpy dtypes), "
-              "got 'int32'"),
-    (None, "dtype: expected one of f32, f16, bf16, f64, s8 (or their numpy dtypes), got None"),
-    (5, "dtype: expected one of f32, f16, bf16, f64, s8 (or their numpy dtypes), got 5"),
-    (np.int32, "dtype: expected one of f32, f16, bf16, f64, s8 (or their numpy dtypes), "
-               "got <class 'numpy.int32'>"),
+    ("int16", "dtype: expected one of f32, f16, bf16, f64, s8, s32 (or their numpy dtypes), "
+              "got 'int16'"),
+    (None, "dtype: expected one of f32, f16, bf16, f64, s8, s32 (or their numpy dtypes), "
+           "got None"),
+    (5, "dtype: expected one of f32, f16, bf16, f64, s8, s32 (or their numpy dtypes), got 5"),
+    (np.int16, "dtype: expected one of f32, f16, bf16, f64, s8, s32 (or their numpy dtypes), "
+               "got <class 'numpy.int16'>"),
 ]
 
 

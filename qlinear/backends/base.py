@@ -83,6 +83,9 @@ class Backend(ABC):
     #: The torch device type whose tensors this backend uses without a copy
     #: (``"cpu"``, ``"cuda"``), or None.
     torch_device_type: str | None = None
+    #: The :class:`~qlinear.ActivationScheme` values this backend's executables run; plans
+    #: refuse the others with :class:`Unsupported` when they are selected.
+    activation_schemes: frozenset[str] = frozenset({"dynamic"})
 
     @property
     def device_name(self) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..dtypes import DType, DTypeLike, as_dtype, f64
+from ..dtypes import DType, DTypeLike, as_dtype
 from ..errors import DeviceError, InvalidProblem
 from ..problem import (
     DynamicRangeQuantizeDescriptor,
@@ -34,59 +34,23 @@ from ..problem import (
     QuantizedLinearDescriptor,
     QuantizeTensors,
 )
+from ..schemes import ActivationScheme
 from ..tensors import Tensor
 from ..validate import check_new_tensor, check_plain_array, check_rows, host_array
 from .base import Backend, Executable, PrecisionGuarantee
+from .cpu_quant import compute_type, quantize, quantize_rows
 
-__all__ = ["CpuBackend", "create", "quantize_rows", "int_matmul", "dequantize"]
+__all__ = ["CpuBackend", "create", "quantize_rows", "int_matmul", "dequantize",
+           "subtract_zero_points"]
 
 _F32_EXACT = 2**24
 # Temporaries per M-block (q as float, acc as float64) stay under this many bytes.
 _BLOCK_BYTES = 64 << 20
 
 
-def _compute_type(dtype: DType) -> np.dtype:
-    return np.dtype(np.float64) if dtype == f64 else np.dtype(np.float32)
-
-
 def _chunk(q_min: int, q_max: int) -> int:
     """Largest K-chunk whose partial sums stay exact integers in float32."""
     return _F32_EXACT // (max(-q_min, q_max) * 128)
-
-
-def quantize_rows(x: np.ndarray, dtype: DType, q_min: int,
-                  q_max: int) -> tuple[np.ndarray, np.ndarray]:
-    """The activation pass (steps 1-3) for ``x[M, K]`` of ``dtype``.
-
-    Returns ``(q, scale)``: ``q[M, K]`` as the compute type holding integers in
-    ``q_min..q_max`` and ``scale[M]`` of ``dtype`` (the stored scale)."""
-    ct = _compute_type(dtype)
-    xc = x.astype(ct, copy=False)
-    m, k = xc.shape
-    if k == 0:
-        return np.zeros((m, 0), ct), np.ones(m, dtype.numpy)
-    # max(max, -min) is max|x| without an |x| temporary; NaN propagates through both.
-    amax = np.maximum(xc.max(axis=1), -xc.min(axis=1))
-    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
-        scale = (amax / ct.type(q_max)).astype(dtype.numpy)
-        divisor = scale.astype(ct)
-        # Rows whose stored scale is 0 (all-zero, or underflowed in TIn), NaN or Inf.
-        special = not (divisor.min() > 0 and divisor.max() < np.inf)
-        if special:
-            bad = ~(np.isfinite(divisor) & (divisor != 0))
-            scale[divisor == 0] = 1
-            scale[~np.isfinite(divisor)] = np.nan
-            divisor[bad] = 1
-            amax[bad] = 0
-        q = xc / divisor[:, None]
-        np.rint(q, out=q)
-        # |x| <= amax, and division and rint are monotonic: clamping is needed only if some
-        # row's amax / scale can round past the range.
-        if (amax / divisor).max() >= min(q_max, -q_min) + 0.5:
-            np.clip(q, q_min, q_max, out=q)
-        if special:
-            q[bad] = 0
-    return q, scale
 
 
 def int_matmul(q: np.ndarray, w_t: np.ndarray, chunk: int) -> np.ndarray:
@@ -104,11 +68,19 @@ def int_matmul(q: np.ndarray, w_t: np.ndarray, chunk: int) -> np.ndarray:
     return acc
 
 
+def subtract_zero_points(acc: np.ndarray, zp: np.ndarray, colsum: np.ndarray) -> np.ndarray:
+    """``acc[m, n] - zp[m] * colsum[n]`` exactly, as float64 (every term is an integer far
+    below 2**53, while float32 would round sums beyond 2**24)."""
+    out = acc.astype(np.float64, copy=False)
+    out -= np.multiply.outer(zp.astype(np.float64), colsum.astype(np.float64))
+    return out
+
+
 def dequantize(acc: np.ndarray, scale: np.ndarray, weight_scale: np.ndarray,
                bias: np.ndarray | None, out: np.ndarray) -> None:
     """Step 5: ``out[M, N] = ((C(acc) * C(scale)) * C(weight_scale)) (+ C(bias))``, one rounding.
 
-    ``acc`` may be overwritten."""
+    ``acc`` may be overwritten; it holds exact integers (as float32 or float64)."""
     ct = np.dtype(np.float64) if out.dtype == np.float64 else np.dtype(np.float32)
     # acc -> C first (float64 -> f32 rounds to nearest even, as f32(int32) does), then * scale.
     y = np.multiply(acc, scale.astype(ct, copy=False)[:, None], dtype=ct,
@@ -129,6 +101,11 @@ def _store(op: Callable[..., Any], y: np.ndarray, operand: np.ndarray, out: np.n
         out[...] = y
 
 
+def _scheme_tag(scheme: ActivationScheme) -> str:
+    """``""`` for the default scheme (its sku is unchanged), else ``"_<scheme>"``."""
+    return "" if scheme is ActivationScheme.DYNAMIC else f"_{scheme.value}"
+
+
 def _block_rows(m: int, k: int, n: int) -> int:
     return max(1, min(m, _BLOCK_BYTES // max(1, 8 * (k + n))))
 
@@ -139,7 +116,7 @@ class _QuantizeExecutable(Executable):
 
     def __init__(self, desc: DynamicRangeQuantizeDescriptor):
         self.desc = desc
-        self.sku = "cpu.rowquant"
+        self.sku = f"cpu.rowquant{_scheme_tag(desc.scheme)}"
 
     def run(self, t: QuantizeTensors, stream: Any = None) -> None:
         d = self.desc
@@ -147,9 +124,13 @@ class _QuantizeExecutable(Executable):
         step = _block_rows(d.m, d.k, 0)
         with np.errstate(invalid="ignore"):
             for m0 in range(0, d.m, step):
-                q, scale = quantize_rows(x[m0:m0 + step], d.dtype, d.q_min, d.q_max)
-                act_q[m0:m0 + step] = q
-                act_scale[m0:m0 + step] = scale
+                rows = slice(m0, m0 + step)
+                q, scale, zp = quantize(x[rows], d.dtype, d.q_min, d.q_max, d.scheme,
+                                        t.input_scale, t.input_zero_point)
+                act_q[rows] = q
+                act_scale[rows] = scale
+                if t.act_zp is not None:
+                    t.act_zp.handle[rows] = zp
 
 
 class _LinearExecutable(Executable):
@@ -159,13 +140,14 @@ class _LinearExecutable(Executable):
     def __init__(self, desc: QuantizedLinearDescriptor):
         self.desc = desc
         self.chunk = _chunk(desc.q_min, desc.q_max)
-        ct = _compute_type(desc.dtype)
-        self.sku = (f"cpu.rowquant+blas_{'f64' if ct == np.float64 else 'f32'}"
-                    f"_kchunk{self.chunk}+dequant")
+        ct = compute_type(desc.dtype)
+        zp = "+zp" if desc.scheme.asymmetric else ""
+        self.sku = (f"cpu.rowquant{_scheme_tag(desc.scheme)}"
+                    f"+blas_{'f64' if ct == np.float64 else 'f32'}_kchunk{self.chunk}+dequant{zp}")
 
     def _weight(self, wt: Tensor) -> np.ndarray:
         """``weight_q.T`` as the compute type, ``[K, N]`` contiguous; kept on read-only tensors."""
-        ct = _compute_type(self.desc.dtype)
+        ct = compute_type(self.desc.dtype)
         key = ("w_t", ct)
         w_t = wt.cache.get(key)
         if w_t is None:
@@ -178,25 +160,26 @@ class _LinearExecutable(Executable):
         d = self.desc
         x, out = t.activation.handle, t.output.handle
         act_q, act_scale = t.act_q_scratch.handle, t.act_scale_scratch.handle
+        act_zp = None if t.act_zp_scratch is None else t.act_zp_scratch.handle
         w_t = self._weight(t.weight_q)
         ws = t.weight_scale.handle
         bias = None if t.bias is None else t.bias.handle
+        colsum = None if t.weight_colsum is None else t.weight_colsum.handle
         step = _block_rows(d.m, d.k, d.c_out)
         with np.errstate(invalid="ignore", over="ignore"):
-            if step >= d.m:  # one block: no slicing (it shows at decode sizes)
-                self._block(x, act_q, act_scale, w_t, ws, bias, out)
-                return
             for m0 in range(0, d.m, step):
-                rows = slice(m0, m0 + step)
-                self._block(x[rows], act_q[rows], act_scale[rows], w_t, ws, bias, out[rows])
-
-    def _block(self, x: np.ndarray, act_q: np.ndarray, act_scale: np.ndarray, w_t: np.ndarray,
-               ws: np.ndarray, bias: np.ndarray | None, out: np.ndarray) -> None:
-        d = self.desc
-        q, scale = quantize_rows(x, d.dtype, d.q_min, d.q_max)
-        act_q[...] = q
-        act_scale[...] = scale
-        dequantize(int_matmul(q, w_t, self.chunk), scale, ws, bias, out)
+                # One block needs no slicing (it shows at decode sizes).
+                rows = slice(None) if step >= d.m else slice(m0, m0 + step)
+                q, scale, zp = quantize(x[rows], d.dtype, d.q_min, d.q_max, d.scheme,
+                                        t.input_scale, t.input_zero_point)
+                act_q[rows] = q
+                act_scale[rows] = scale
+                acc = int_matmul(q, w_t, self.chunk)
+                if zp is not None:
+                    assert act_zp is not None and colsum is not None  # validated
+                    act_zp[rows] = zp
+                    acc = subtract_zero_points(acc, zp, colsum)
+                dequantize(acc, scale, ws, bias, out[rows])
 
 
 class CpuBackend(Backend):
@@ -207,6 +190,7 @@ class CpuBackend(Backend):
     is_gpu = False
     host_memory = True
     torch_device_type = "cpu"
+    activation_schemes = frozenset(ActivationScheme)
 
     @property
     def device_name(self) -> str:
@@ -258,7 +242,7 @@ class CpuBackend(Backend):
             dtype = as_dtype(obj.dtype)
         except InvalidProblem:
             raise InvalidProblem(
-                f"{name}: expected dtype f32, f16, bf16, f64 or s8, got {obj.dtype}") from None
+                f"{name}: expected dtype f32, f16, bf16, f64, s8 or s32, got {obj.dtype}") from None
         return self._tensor(obj, dtype, not obj.flags.writeable)
 
     def narrow(self, tensor: Any, rows: int) -> Tensor:
