@@ -15,13 +15,15 @@ from .dtypes import DType, DTypeLike, as_dtype, bf16, f64
 from .errors import InvalidProblem
 from .plans import QuantizedLinearPlan
 from .problem import QuantizedLinearArgs, QuantizedLinearDescriptor, check_int
+from .schemes import ActivationScheme, as_scheme, check_input_scale, weight_colsum
 from .tensors import Tensor
 from .validate import check_plain_array
 
 __all__ = ["quantize_weight", "QuantizedLinear"]
 
-#: Version of the pickled state of a :class:`QuantizedLinear`.
-_STATE_VERSION = 1
+#: Version of the pickled state of a :class:`QuantizedLinear` (2 added the activation
+#: scheme and its constants; version 1 states load as the dynamic scheme).
+_STATE_VERSION = 2
 
 
 def _is_float(dt: np.dtype) -> bool:
@@ -107,18 +109,19 @@ def _check_weight_q(weight_q: Any) -> np.ndarray:
 
 
 def _check_scale(weight_scale: Any, c_out: int) -> np.ndarray:
-    """The per-channel scale ``[c_out]`` (a 0-d scale is per tensor: broadcast)."""
+    """The per-channel scale ``[c_out]`` (a scalar or ``[1]`` scale is per tensor: broadcast)."""
     check_plain_array("weight_scale", weight_scale)
     ws = np.asarray(weight_scale)
     if not _is_float(ws.dtype):
         raise InvalidProblem(
             f"weight_scale: expected a float array (f32, f16, bf16, f64), got dtype {ws.dtype}")
     dt = as_dtype(ws.dtype, name="weight_scale")
-    if ws.ndim == 0:
-        ws = np.full(c_out, ws, dt.numpy)
+    if ws.shape in ((), (1,)):
+        ws = np.full(c_out, ws.reshape(()), dt.numpy)
     if ws.shape != (c_out,):
         raise InvalidProblem(
-            f"weight_scale: expected shape [C_out] = [{c_out}] (or a scalar), got {ws.shape}")
+            f"weight_scale: expected shape [C_out] = [{c_out}] (or a scalar or [1], per "
+            f"tensor), got {ws.shape}")
     if not np.isfinite(ws).all():
         bad = _first_bad(~np.isfinite(ws))[0]
         raise InvalidProblem(f"weight_scale: expected finite values, got {ws[bad]} at index {bad}")
@@ -147,14 +150,52 @@ def _check_bias(bias: Any, c_out: int, dt: DType) -> np.ndarray | None:
     return rounded
 
 
+def scheme_constants(scheme: ActivationScheme, dt: DType, q_min: int, q_max: int,
+                     input_scale: Any, input_zero_point: Any) -> tuple[float | None, int | None]:
+    """The static scheme's ``(input_scale rounded to dt, input_zero_point)``, each None
+    where the scheme takes none (and then required to be None: a constant that would be
+    ignored is a mistake, not a default)."""
+    if not scheme.static:
+        if input_scale is not None:
+            raise InvalidProblem(
+                f"input_scale: expected None with scheme {scheme.value!r} (its scales come "
+                f"from each row), got {input_scale!r}")
+    elif input_scale is None:
+        raise InvalidProblem(
+            f"input_scale: expected a finite real number > 0 with scheme {scheme.value!r}, "
+            f"got None")
+    if not scheme.static_zero_point:
+        if input_zero_point is not None:
+            raise InvalidProblem(
+                f"input_zero_point: expected None with scheme {scheme.value!r} (only "
+                f"'static_asym' takes one), got {input_zero_point!r}")
+        zp = None
+    else:
+        if input_zero_point is None:
+            raise InvalidProblem(
+                f"input_zero_point: expected an integer in {q_min}..{q_max} with scheme "
+                f"'static_asym', got None")
+        zp = check_int("input_zero_point", input_zero_point, q_min, q_max)
+    scale = None if input_scale is None else check_input_scale(input_scale, dt)
+    return scale, zp
+
+
 class QuantizedLinear:
     """A W8A8 linear layer: owns its int8 weight, per-channel scale, bias and reusable
     activation scratch on one backend.
 
     Everything is checked when the layer is built (shapes, dtypes, finite scales and bias,
-    the q range, K's exactness bound, and that the backend runs the dtype), so that a
-    call can only fail on its input. ``weight_scale`` sets the layer's dtype (TIn); a
-    scalar scale is per tensor and broadcast; ``bias`` is rounded to TIn.
+    the q range, K's exactness bound, the scheme's constants, and that the backend runs
+    the dtype and scheme), so that a call can only fail on its input. ``weight_scale``
+    sets the layer's dtype (TIn); a scalar or ``[1]`` scale is per tensor and broadcast;
+    ``bias`` is rounded to TIn.
+
+    ``scheme`` says how activations are quantized (:class:`~qlinear.ActivationScheme` or
+    its name): ``"dynamic"`` per token (the default), ``"static"`` with ``input_scale``,
+    ``"static_asym"`` with ``input_scale`` and ``input_zero_point``, ``"dynamic_asym"``
+    per token with a zero point per row. ``q_min`` defaults to -127 for the symmetric
+    schemes and -128 for the asymmetric ones. An asymmetric layer keeps its weight's
+    column sums (int32) beside the weight.
 
     ``layer(x)`` takes ``x[..., K]`` of the layer's dtype and returns ``y[..., C_out]``:
     a numpy array in gives a numpy array out; a 2-D backend tensor in gives a backend
@@ -168,40 +209,57 @@ class QuantizedLinear:
     _PLAN_CACHE = 64
 
     def __init__(self, weight_q: Any, weight_scale: Any, bias: Any = None, *,
-                 backend: Backend | str | None = None, q_min: int = -127, q_max: int = 127):
-        self._build(weight_q, weight_scale, bias, backend, q_min, q_max)
+                 backend: Backend | str | None = None, q_min: int | None = None,
+                 q_max: int = 127, scheme: ActivationScheme | str = ActivationScheme.DYNAMIC,
+                 input_scale: Any = None, input_zero_point: Any = None):
+        self._build(weight_q, weight_scale, bias, backend, q_min, q_max, scheme, input_scale,
+                    input_zero_point)
 
     def _build(self, weight_q: Any, weight_scale: Any, bias: Any,
-               backend: Backend | str | None, q_min: int, q_max: int) -> None:
+               backend: Backend | str | None, q_min: int | None, q_max: int,
+               scheme: Any = ActivationScheme.DYNAMIC, input_scale: Any = None,
+               input_zero_point: Any = None) -> None:
         be = get_backend(backend)
         wq = _check_weight_q(weight_q)
         c_out, k = wq.shape
         ws = _check_scale(weight_scale, c_out)
         dt = as_dtype(ws.dtype, name="weight_scale")
         b = _check_bias(bias, c_out, dt)
-        # The q range and K's bound once, with a clear error; then whether the backend
-        # runs this dtype at all (Unsupported now rather than at the first call).
-        desc = QuantizedLinearDescriptor(0, c_out, k, dt, q_min, q_max)
+        # The scheme, q range and K's bound once, with a clear error; then whether the
+        # backend runs this dtype and scheme (Unsupported now rather than at the first call).
+        sch = as_scheme(scheme)
+        q_lo = sch.default_q_min if q_min is None else q_min
+        desc = QuantizedLinearDescriptor(0, c_out, k, dt, q_lo, q_max, sch)
+        consts = scheme_constants(desc.scheme, dt, desc.q_min, desc.q_max, input_scale,
+                                  input_zero_point)
         empty_plan = QuantizedLinearPlan.select(be, desc)
         self.backend = be
         self.dtype: DType = dt
         self.out_features, self.in_features = c_out, k
         self.q_min, self.q_max = desc.q_min, desc.q_max
+        self.scheme: ActivationScheme = desc.scheme
+        self.input_scale, self.input_zero_point = consts
         self.weight_q = be.from_numpy(wq, readonly=True)
         self.weight_scale = be.from_numpy(ws, readonly=True)
         self.bias = None if b is None else be.from_numpy(b, readonly=True)
+        self.weight_colsum = (be.from_numpy(weight_colsum(wq), readonly=True)
+                              if self.scheme.asymmetric else None)
         self._plans: OrderedDict[int, QuantizedLinearPlan] = OrderedDict({0: empty_plan})
-        self._scratch: tuple[Tensor, Tensor] | None = None  # (act_q [cap, K], act_scale [cap])
+        # (act_q [cap, K], act_scale [cap], act_zp [cap] or None)
+        self._scratch: tuple[Tensor, Tensor, Tensor | None] | None = None
 
     @classmethod
     def from_float(cls, weight: Any, bias: Any = None, *, backend: Backend | str | None = None,
-                   dtype: DTypeLike | None = None, q_min: int = -127,
-                   q_max: int = 127) -> QuantizedLinear:
+                   dtype: DTypeLike | None = None, q_min: int | None = None,
+                   q_max: int = 127, scheme: ActivationScheme | str = ActivationScheme.DYNAMIC,
+                   input_scale: Any = None, input_zero_point: Any = None) -> QuantizedLinear:
         """Quantize a float ``weight[C_out, K]`` (and keep ``bias[C_out]``) into a layer.
 
-        ``dtype`` is TIn of activations and outputs (default: the weight's float type)."""
+        ``dtype`` is TIn of activations and outputs (default: the weight's float type);
+        the activation scheme and its constants are as for the constructor."""
         wq, ws = quantize_weight(weight, dtype=dtype)
-        return cls(wq, ws, bias, backend=backend, q_min=q_min, q_max=q_max)
+        return cls(wq, ws, bias, backend=backend, q_min=q_min, q_max=q_max, scheme=scheme,
+                   input_scale=input_scale, input_zero_point=input_zero_point)
 
     def host_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Host copies of ``(weight_q [C_out, K] int8, weight_scale [C_out], bias [C_out]
@@ -227,26 +285,33 @@ class QuantizedLinear:
 
         return load_layer(path, backend=backend, cls=cls)
 
+    def scheme_arguments(self) -> dict[str, Any]:
+        """The keyword arguments that rebuild this layer's activation quantization:
+        ``q_min``, ``q_max``, ``scheme`` (its name), ``input_scale``, ``input_zero_point``."""
+        return {"q_min": self.q_min, "q_max": self.q_max, "scheme": self.scheme.value,
+                "input_scale": self.input_scale, "input_zero_point": self.input_zero_point}
+
     def __getstate__(self) -> dict[str, Any]:
         wq, ws, bias = self.host_arrays()
         return {"version": _STATE_VERSION, "backend": self.backend.name, "weight_q": wq,
-                "weight_scale": ws, "bias": bias, "q_min": self.q_min, "q_max": self.q_max}
+                "weight_scale": ws, "bias": bias, **self.scheme_arguments()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         version = state.get("version")
-        if version != _STATE_VERSION:
+        if version not in (1, _STATE_VERSION):
             raise InvalidProblem(
-                f"state: expected a pickled QuantizedLinear of version {_STATE_VERSION}, "
+                f"state: expected a pickled QuantizedLinear of version 1 or {_STATE_VERSION}, "
                 f"got version {version!r}")
         self._build(state["weight_q"], state["weight_scale"], state["bias"], state["backend"],
-                    state["q_min"], state["q_max"])
+                    state["q_min"], state["q_max"], state.get("scheme", ActivationScheme.DYNAMIC),
+                    state.get("input_scale"), state.get("input_zero_point"))
 
     def plan(self, m: int) -> QuantizedLinearPlan:
         """The (cached) plan for ``m`` rows."""
         plan = self._plans.get(m)
         if plan is None:
             desc = QuantizedLinearDescriptor(m, self.out_features, self.in_features, self.dtype,
-                                             self.q_min, self.q_max)
+                                             self.q_min, self.q_max, self.scheme)
             plan = QuantizedLinearPlan.select(self.backend, desc)
             self._plans[m] = plan
             if len(self._plans) > self._PLAN_CACHE:
@@ -255,17 +320,20 @@ class QuantizedLinear:
             self._plans.move_to_end(m)
         return plan
 
-    def scratch(self, m: int) -> tuple[Tensor, Tensor]:
-        """``(act_q[m, K], act_scale[m])`` views of the layer's scratch, grown if needed."""
+    def scratch(self, m: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(act_q[m, K], act_scale[m], act_zp[m] or None)`` views of the layer's scratch,
+        grown if needed (``act_zp``, int32, only with an asymmetric scheme)."""
         be = self.backend
         if self._scratch is None or self._scratch[1].shape[0] < m:
             cap = max(m, 1)
             self._scratch = (be.empty((cap, self.in_features), as_dtype("s8")),
-                             be.empty((cap,), self.dtype))
-        q, s = self._scratch
+                             be.empty((cap,), self.dtype),
+                             be.empty((cap,), as_dtype("s32")) if self.scheme.asymmetric
+                             else None)
+        q, s, zp = self._scratch
         if q.shape[0] == m:
-            return q, s
-        return be.narrow(q, m), be.narrow(s, m)
+            return q, s, zp
+        return be.narrow(q, m), be.narrow(s, m), None if zp is None else be.narrow(zp, m)
 
     def forward(self, x: Any, out: Any = None, stream: Any = None) -> Any:
         """Run on a backend tensor ``x[M, K]``; write ``out[M, C_out]`` (allocated if None)
@@ -277,10 +345,13 @@ class QuantizedLinear:
         m = xt.shape[0]
         if out is None:
             out = be.empty((m, self.out_features), self.dtype)
-        act_q, act_scale = self.scratch(m)
+        act_q, act_scale, act_zp = self.scratch(m)
         self.plan(m).run(QuantizedLinearArgs(
             activation=xt, weight_q=self.weight_q, weight_scale=self.weight_scale, output=out,
-            act_q_scratch=act_q, act_scale_scratch=act_scale, bias=self.bias), stream=stream)
+            act_q_scratch=act_q, act_scale_scratch=act_scale, bias=self.bias,
+            act_zp_scratch=act_zp, weight_colsum=self.weight_colsum,
+            input_scale=self.input_scale, input_zero_point=self.input_zero_point),
+            stream=stream)
         return out
 
     def __call__(self, x: Any) -> Any:
@@ -306,7 +377,13 @@ class QuantizedLinear:
         return y.reshape(*lead, self.out_features)
 
     def __repr__(self) -> str:
+        consts = ""
+        if self.input_scale is not None:
+            consts += f", input_scale={self.input_scale!r}"
+        if self.input_zero_point is not None:
+            consts += f", input_zero_point={self.input_zero_point}"
         return (f"QuantizedLinear(in_features={self.in_features}, "
                 f"out_features={self.out_features}, "
                 f"dtype={self.dtype.name}, bias={self.bias is not None}, "
+                f"scheme={self.scheme.value!r}{consts}, "
                 f"q=[{self.q_min}, {self.q_max}], backend={self.backend.name!r})")

@@ -9,11 +9,18 @@ The file, ``<name>.safetensors``::
       bias          TIn  [C_out]      only when the layer has a bias
     metadata (text -> text)
       format          "qlinear.QuantizedLinear"
-      format_version  "1"
+      format_version  "1" (dynamic scheme) or "2" (any scheme)
       dtype           "f32", "f16", "bf16" or "f64" (TIn)
       q_min, q_max    the activation quantization range, decimal
       out_features, in_features   C_out and K, decimal
       bias            "true" or "false"
+    version 2 adds
+      scheme            "dynamic", "static", "static_asym" or "dynamic_asym"
+      input_scale       the static scale as ``float.hex`` (exact), or "" for dynamic schemes
+      input_zero_point  decimal, or "" unless the scheme is "static_asym"
+
+A layer with the default dynamic scheme is written as version 1, which every qlinear
+release reads; other schemes need version 2. Both versions are read.
 
 TIn tensors are stored as F32, F16 or F64; bf16 ones as U16 holding the bfloat16 bit
 patterns (``ml_dtypes.bfloat16`` viewed as ``uint16``), because ``safetensors.numpy``
@@ -39,6 +46,7 @@ from .backends import Backend
 from .backends import backend as get_backend
 from .dtypes import as_dtype, bf16
 from .errors import InvalidProblem
+from .schemes import ActivationScheme
 
 if TYPE_CHECKING:
     from .layer import QuantizedLinear
@@ -47,9 +55,9 @@ __all__ = ["save_layer", "load_layer", "FORMAT", "FORMAT_VERSION"]
 
 #: The ``format`` metadata value of a layer file.
 FORMAT = "qlinear.QuantizedLinear"
-#: The ``format_version`` this module writes and reads.
-FORMAT_VERSION = 1
-_WHAT = f"a qlinear layer file (safetensors, format {FORMAT} version {FORMAT_VERSION})"
+#: The newest ``format_version`` this module writes and reads (it reads every older one).
+FORMAT_VERSION = 2
+_WHAT = f"a qlinear layer file (safetensors, format {FORMAT} version 1..{FORMAT_VERSION})"
 
 
 def _check_path(path: Any) -> str:
@@ -72,10 +80,15 @@ def save_layer(layer: QuantizedLinear, path: str | os.PathLike[str]) -> None:
     tensors = {"weight_q": np.ascontiguousarray(wq), "weight_scale": _to_file(ws)}
     if bias is not None:
         tensors["bias"] = _to_file(bias)
-    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
+    meta = {"format": FORMAT, "format_version": "1",
             "dtype": layer.dtype.name, "q_min": str(layer.q_min), "q_max": str(layer.q_max),
             "out_features": str(layer.out_features), "in_features": str(layer.in_features),
             "bias": "true" if bias is not None else "false"}
+    if layer.scheme is not ActivationScheme.DYNAMIC:
+        scale, zp = layer.input_scale, layer.input_zero_point
+        meta.update(format_version=str(FORMAT_VERSION), scheme=layer.scheme.value,
+                    input_scale="" if scale is None else float(scale).hex(),
+                    input_zero_point="" if zp is None else str(zp))
     folder = os.path.dirname(os.path.abspath(p))
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".qlinear-", suffix=".tmp")
@@ -126,6 +139,23 @@ def _from_file(name: str, a: np.ndarray, want: tuple[int, ...], dtype_name: str,
         f"holding {a.dtype} of shape {list(a.shape)}")
 
 
+def _scheme_metadata(meta: dict[str, str], p: str) -> dict[str, Any]:
+    """The scheme's keyword arguments from version 2 metadata (their values are checked by
+    the layer's constructor, which names them)."""
+    got = {key: meta.get(key) for key in ("scheme", "input_scale", "input_zero_point")}
+    try:
+        scale = got["input_scale"]
+        zp = got["input_zero_point"]
+        return {"scheme": got["scheme"],
+                "input_scale": float.fromhex(scale) if scale else None,
+                "input_zero_point": int(zp) if zp else None}
+    except (TypeError, ValueError):
+        raise InvalidProblem(
+            f"path: expected {_WHAT} whose version 2 metadata holds a scheme name, "
+            f"input_scale as float.hex text or '' and input_zero_point as an integer or '', "
+            f"got {p!r} with {got}") from None
+
+
 def load_layer(path: str | os.PathLike[str], *, backend: Backend | str | None = None,
                cls: type[QuantizedLinear] | None = None) -> QuantizedLinear:
     """The layer in the file at ``path``, built on ``backend`` (as ``cls``, default
@@ -139,10 +169,10 @@ def load_layer(path: str | os.PathLike[str], *, backend: Backend | str | None = 
     if meta.get("format") != FORMAT:
         raise InvalidProblem(
             f"path: expected {_WHAT}, got {p!r} with format {meta.get('format')!r}")
-    if meta.get("format_version") != str(FORMAT_VERSION):
+    version = meta.get("format_version")
+    if version not in [str(v) for v in range(1, FORMAT_VERSION + 1)]:
         raise InvalidProblem(
-            f"path: expected {_WHAT}, got {p!r} of format version "
-            f"{meta.get('format_version')!r}")
+            f"path: expected {_WHAT}, got {p!r} of format version {version!r}")
     dtype_name = meta.get("dtype", "")
     if dtype_name not in ("f32", "f16", "bf16", "f64"):
         raise InvalidProblem(
@@ -159,7 +189,8 @@ def load_layer(path: str | os.PathLike[str], *, backend: Backend | str | None = 
     ws = _from_file("weight_scale", tensors["weight_scale"], (n,), dtype_name, p)
     bias = _from_file("bias", tensors["bias"], (n,), dtype_name, p) if has_bias else None
     q_min, q_max = _int(meta, "q_min", p), _int(meta, "q_max", p)
+    scheme = _scheme_metadata(meta, p) if version != "1" else {}
     try:
-        return cls(wq, ws, bias, backend=be, q_min=q_min, q_max=q_max)
+        return cls(wq, ws, bias, backend=be, q_min=q_min, q_max=q_max, **scheme)
     except InvalidProblem as e:
         raise InvalidProblem(f"path: expected {_WHAT} with valid contents, got {p!r}: {e}") from e

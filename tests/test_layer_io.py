@@ -136,7 +136,9 @@ def _bad_files():
         "empty": (empty, "cannot be read"),
         "broken_json": (json_header_broken, "cannot be read"),
         "foreign_safetensors": (not_a_layer, "format None"),
-        "newer_version": (lambda p: _rewrite(p, meta={"format_version": "2"}), "version '2'"),
+        "newer_version": (lambda p: _rewrite(p, meta={"format_version": "3"}), "version '3'"),
+        "v2_without_scheme": (lambda p: _rewrite(p, meta={"format_version": "2"}),
+                              "scheme: expected one of"),
         "bad_dtype": (lambda p: _rewrite(p, meta={"dtype": "f8"}), "'f8'"),
         "bad_q_max": (lambda p: _rewrite(p, meta={"q_max": "many"}), "'q_max'"),
         "q_max_out_of_range": (lambda p: _rewrite(p, meta={"q_max": "300"}), "q_max"),
@@ -222,9 +224,10 @@ def test_pickle_state_names_the_backend():
     state = layer.__getstate__()
     assert state["backend"] == "cpu" and state["weight_q"].dtype == np.int8
     stale = dict(state, version=99)
-    with pytest.raises(ql.InvalidProblem, match="^state: expected .* version 1, got version 99"):
+    with pytest.raises(ql.InvalidProblem,
+                       match="^state: expected .* version 1 or 2, got version 99"):
         ql.QuantizedLinear.__new__(ql.QuantizedLinear).__setstate__(stale)
 
 
 def test_format_constants_are_exported():
-    assert layer_io.FORMAT == "qlinear.QuantizedLinear" and layer_io.FORMAT_VERSION == 1
+    assert layer_io.FORMAT == "qlinear.QuantizedLinear" and layer_io.FORMAT_VERSION == 2

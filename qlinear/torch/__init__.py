@@ -43,12 +43,18 @@ Limits: inference only (a backward pass through a :class:`QLinear` raises
 shared), and on CUDA, calls on different streams must be ordered by the caller for the
 same reason.
 
+Checkpoints: :func:`load_compressed` runs a compressed-tensors W8A8 checkpoint (as
+llm-compressor writes it and vLLM serves it) in the float model's architecture, with the
+checkpoint's own int8 weights, scales and activation scheme (dynamic or static, symmetric
+or asymmetric).
+
 Only this module imports torch; the qlinear core never does.
 """
 
+from .checkpoint import load_compressed
 from .convert import qlinear_dtype, to_numpy_view, torch_dtype
 from .module import QLinear
 from .swap import SkipFilter, quantize_linears
 
-__all__ = ["QLinear", "quantize_linears", "to_numpy_view", "qlinear_dtype", "torch_dtype",
-           "SkipFilter"]
+__all__ = ["QLinear", "quantize_linears", "load_compressed", "to_numpy_view", "qlinear_dtype",
+           "torch_dtype", "SkipFilter"]

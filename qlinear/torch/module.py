@@ -13,13 +13,15 @@ from ..backends import Backend
 from ..backends import backend as _get_backend
 from ..dtypes import DTypeLike
 from ..errors import InvalidProblem, Unsupported
-from ..layer import QuantizedLinear, quantize_weight
+from ..layer import QuantizedLinear, quantize_weight, scheme_constants
 from ..plans import QuantizedLinearPlan
 from ..problem import QuantizedLinearDescriptor, check_int
+from ..schemes import ActivationScheme, as_scheme
 from . import ops
-from .convert import _TO_QL, _TO_TORCH, qlinear_dtype, to_numpy_view, torch_dtype
+from .convert import _TO_QL, _TO_TORCH, qlinear_dtype, torch_dtype
 from .convert import from_numpy as _from_numpy
 from .convert import host_copy as _host_copy
+from .runner import backend_for, run_layer
 
 __all__ = ["QLinear"]
 
@@ -36,6 +38,13 @@ class _InferenceOnly(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         raise Unsupported(ops.BACKWARD_MESSAGE)
 
+
+_SCHEME_TEXT = {
+    ActivationScheme.DYNAMIC: "per token",
+    ActivationScheme.STATIC: "per tensor (static scale)",
+    ActivationScheme.STATIC_ASYM: "per tensor (static scale and zero point)",
+    ActivationScheme.DYNAMIC_ASYM: "per token with a zero point",
+}
 
 _TRACE_MESSAGE = (
     "QLinear: torch.jit.trace cannot record a W8A8 call (it runs outside torch, so the "
@@ -59,13 +68,16 @@ def _check_input(x: Any, in_features: int) -> None:
 
 
 class QLinear(nn.Module):
-    """A W8A8 replacement for ``nn.Linear``: int8 per-output-channel weight, dynamic
-    per-token int8 activations, exact int32 accumulation, run by qlinear.
+    """A W8A8 replacement for ``nn.Linear``: int8 per-output-channel weight, int8
+    activations (dynamic per token by default), exact int32 accumulation, run by qlinear.
 
     Buffers (in ``state_dict``): ``weight_q`` ``[out_features, in_features]`` int8,
     ``weight_scale`` ``[out_features]`` and ``bias`` ``[out_features]`` (or None) of the
-    layer's dtype. Build one with :meth:`from_linear` or :func:`quantize_linears`; the
-    constructor makes an empty one of the right shape to ``load_state_dict`` into.
+    layer's dtype; with a static scheme ``input_scale`` ``[1]`` (layer's dtype), and with
+    ``"static_asym"`` ``input_zero_point`` ``[1]`` int32 (None otherwise). Build one with
+    :meth:`from_linear`, :meth:`from_quantized`, :func:`quantize_linears` or
+    :func:`load_compressed`; the constructor makes an empty one of the right shape to
+    ``load_state_dict`` into.
 
     The backend keeps its own copy of the weight (made on the first call for each input
     dtype and device, and again after the buffers change), so the int8 weight is held
@@ -85,24 +97,38 @@ class QLinear(nn.Module):
             follows the input: the cpu backend for CPU tensors, cuda for CUDA tensors.
             A CPU tensor may run on any backend (through host copies on a GPU backend);
             a CUDA tensor needs the cuda backend.
+        scheme, input_scale, input_zero_point, q_min, q_max: the activation scheme and
+            its constants, as for :class:`qlinear.QuantizedLinear` (default: dynamic per
+            token, -127..127).
     """
 
     weight_q: torch.Tensor
     weight_scale: torch.Tensor
     bias: torch.Tensor | None
+    input_scale: torch.Tensor | None
+    input_zero_point: torch.Tensor | None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  dtype: DTypeLike | torch.dtype = torch.float32,
                  device: torch.device | str | None = None,
-                 backend: None | str | Backend = None):
+                 backend: None | str | Backend = None,
+                 scheme: ActivationScheme | str = ActivationScheme.DYNAMIC,
+                 input_scale: Any = None, input_zero_point: Any = None,
+                 q_min: int | None = None, q_max: int = 127):
         super().__init__()
         tdt = torch_dtype(dtype)
         self.in_features = check_int("in_features", in_features, 0)
         self.out_features = check_int("out_features", out_features, 0)
-        self.q_min, self.q_max = -127, 127
-        # K's exactness bound, now rather than at the first call.
+        # The scheme, q range and K's exactness bound, now rather than at the first call.
+        sch = as_scheme(scheme)
         desc = QuantizedLinearDescriptor(0, self.out_features, self.in_features,
-                                         qlinear_dtype(tdt), self.q_min, self.q_max)
+                                         qlinear_dtype(tdt),
+                                         sch.default_q_min if q_min is None else q_min, q_max,
+                                         sch)
+        self.scheme: ActivationScheme = desc.scheme
+        self.q_min, self.q_max = desc.q_min, desc.q_max
+        scale, zp = scheme_constants(desc.scheme, desc.dtype, desc.q_min, desc.q_max,
+                                     input_scale, input_zero_point)
         self.backend = backend.name if isinstance(backend, Backend) else backend
         if self.backend is not None:
             # Fail now, with the reason, not at the first call: the backend, and whether
@@ -114,6 +140,10 @@ class QLinear(nn.Module):
             self.out_features, dtype=tdt, device=device))
         self.register_buffer("bias", torch.zeros(self.out_features, dtype=tdt, device=device)
                              if bias else None)
+        self.register_buffer("input_scale", None if scale is None else
+                             torch.full((1,), scale, dtype=tdt, device=device))
+        self.register_buffer("input_zero_point", None if zp is None else
+                             torch.full((1,), zp, dtype=torch.int32, device=device))
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -137,15 +167,17 @@ class QLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, backend: None | str | Backend = None,
-                    dtype: DTypeLike | torch.dtype | None = None) -> QLinear:
+                    dtype: DTypeLike | torch.dtype | None = None, **scheme: Any) -> QLinear:
         """Quantize an ``nn.Linear`` (weight per output channel, symmetric, -127..127).
 
         ``dtype`` is the layer's dtype (default: the linear's weight dtype); the weight is
-        quantized from its own values, not from a copy rounded to ``dtype``."""
+        quantized from its own values, not from a copy rounded to ``dtype``. ``scheme``:
+        the keyword arguments ``scheme``, ``input_scale``, ``input_zero_point``,
+        ``q_min``, ``q_max`` of the constructor."""
         w = linear.weight
         dt = qlinear_dtype(dtype if dtype is not None else w.dtype)
         q = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                dtype=_TO_TORCH[dt], device=w.device, backend=backend)
+                dtype=_TO_TORCH[dt], device=w.device, backend=backend, **scheme)
         wq, ws = quantize_weight(_host_copy(w), dtype=dt)
         with torch.no_grad():
             q.weight_q.copy_(torch.from_numpy(wq))
@@ -161,28 +193,35 @@ class QLinear(nn.Module):
         q.train(linear.training)
         return q
 
+    @classmethod
+    def from_quantized(cls, weight_q: Any, weight_scale: Any, bias: Any = None, *,
+                       backend: None | str | Backend = None,
+                       device: torch.device | str | None = None, **scheme: Any) -> QLinear:
+        """A QLinear holding an already quantized weight, as is (never re-quantized).
+
+        ``weight_q`` ``[C_out, K]`` int8, ``weight_scale`` ``[C_out]`` (or a scalar or
+        ``[1]``, per tensor) and ``bias`` ``[C_out]`` or None: numpy arrays or CPU tensors;
+        the layer's dtype is the scale's. ``scheme``: as for :meth:`from_linear`.
+        Everything is checked as :class:`qlinear.QuantizedLinear` checks it (on
+        ``backend``, cpu when None), before the module exists."""
+        arrays = [a if a is None or not isinstance(a, torch.Tensor) else _host_copy(a)
+                  for a in (weight_q, weight_scale, bias)]
+        layer = QuantizedLinear(*arrays, backend=backend or "cpu", **scheme)
+        wq, ws, b = layer.host_arrays()
+        q = cls(layer.in_features, layer.out_features, b is not None,
+                dtype=_TO_TORCH[layer.dtype], device=device, backend=backend,
+                **layer.scheme_arguments())
+        with torch.no_grad():
+            q.weight_q.copy_(torch.from_numpy(wq))
+            q.weight_scale.copy_(_from_numpy(ws))
+            if q.bias is not None and b is not None:
+                q.bias.copy_(_from_numpy(b))
+        return q
+
     @property
     def dtype(self) -> torch.dtype:
         """The layer's dtype (that of ``weight_scale``; follows ``.half()``, ``.to()``)."""
         return self.weight_scale.dtype
-
-    def _backend_for(self, device: torch.device) -> Backend:
-        if self.backend is not None:
-            be = _get_backend(self.backend)
-            if device.type != "cpu" and be.torch_device_type != device.type:
-                raise InvalidProblem(
-                    f"input: expected a CPU tensor or a tensor for backend {be.name!r}, got one "
-                    f"on {device}; quantize with backend={device.type!r} (or backend=None, which "
-                    f"follows the input's device)")
-        elif device.type in ("cpu", "cuda"):
-            be = _get_backend(device.type)
-        else:
-            raise InvalidProblem(f"input: expected a CPU or CUDA tensor, got one on {device}")
-        if device.type == "cuda" and be.device_id != str(device):
-            raise InvalidProblem(
-                f"input: expected a tensor on {be.device_id}, where qlinear's cuda backend "
-                f"runs, got one on {device}")
-        return be
 
     def _buffers_key(self) -> tuple[Any, ...]:
         # _version counts in-place writes (load_state_dict, copy_), data_ptr catches .to():
@@ -191,7 +230,8 @@ class QLinear(nn.Module):
         # clears the layers (_load_from_state_dict).
         return tuple(None if t is None else
                      (t.data_ptr(), None if t.is_inference() else t._version, t.dtype, t.device)
-                     for t in (self.weight_q, self.weight_scale, self.bias))
+                     for t in (self.weight_q, self.weight_scale, self.bias, self.input_scale,
+                               self.input_zero_point))
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
@@ -209,7 +249,7 @@ class QLinear(nn.Module):
             self._layers_key = key
         layer = self._layers.get((tdt, device))
         if layer is None:
-            be = self._backend_for(device)
+            be = backend_for(self.backend, device)
             ws = self.weight_scale.detach().to(tdt)
             if not bool(torch.isfinite(ws).all() and (ws > 0).all()):
                 raise InvalidProblem(
@@ -218,9 +258,16 @@ class QLinear(nn.Module):
                     f"dtype={tdt} or pass {self.dtype} inputs")
             bias = None if self.bias is None else _host_copy(self.bias.detach().to(tdt))
             layer = QuantizedLinear(_host_copy(self.weight_q), _host_copy(ws), bias,
-                                    backend=be, q_min=self.q_min, q_max=self.q_max)
+                                    backend=be, **self._scheme_arguments())
             self._layers[(tdt, device)] = layer
         return layer
+
+    def _scheme_arguments(self) -> dict[str, Any]:
+        # The constants as the buffers hold them now (load_state_dict may have changed them).
+        scale, zp = self.input_scale, self.input_zero_point
+        return {"q_min": self.q_min, "q_max": self.q_max, "scheme": self.scheme,
+                "input_scale": None if scale is None else float(scale.detach().double().item()),
+                "input_zero_point": None if zp is None else int(zp.item())}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``y[..., out_features]`` for ``x[..., in_features]`` (f32, f16, bf16; f64 where
@@ -255,25 +302,7 @@ class QLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def _run(self, layer: QuantizedLinear, x2: torch.Tensor) -> torch.Tensor:
-        m = x2.shape[0]
-        be = layer.backend
-        if x2.device.type == "cpu":
-            if be.torch_device_type == "cpu":
-                y = torch.empty((m, self.out_features), dtype=x2.dtype)
-                if x2.dtype == torch.bfloat16:
-                    layer.forward(to_numpy_view(x2), out=to_numpy_view(y))
-                else:
-                    layer.forward(x2.numpy(), out=y.numpy())
-                return y
-            # Another backend on host tensors: its own upload/download, like numpy callers.
-            return _from_numpy(layer(to_numpy_view(x2)))
-        # CUDA: the backend wraps torch's memory (DLPack / __cuda_array_interface__) and
-        # enqueues on torch's current stream, so torch's caching allocator sees the
-        # same ordering as for its own kernels (x2 may be freed right after this call).
-        y = torch.empty((m, self.out_features), dtype=x2.dtype, device=x2.device)
-        stream = torch.cuda.current_stream(x2.device)
-        layer.forward(be.wrap(x2, name="input"), out=be.wrap(y, name="output"), stream=stream)
-        return y
+        return run_layer(layer, x2)
 
     def extra_repr(self) -> str:
         """What the layer is: features, bias, dtype, backend, and that it is W8A8."""
@@ -284,5 +313,5 @@ class QLinear(nn.Module):
             be = f"auto ({self.weight_q.device.type})"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, dtype={dtype}, backend={be}, "
-                f"W8A8: int8 weight per output channel, int8 activations per token "
-                f"[{self.q_min}, {self.q_max}]")
+                f"W8A8: int8 weight per output channel, int8 activations "
+                f"{_SCHEME_TEXT[self.scheme]} [{self.q_min}, {self.q_max}]")
