@@ -194,3 +194,83 @@ fn dequant_bits(acc: i32, s: u32, ws: u32, bias: u32, has_bias: bool, zero: u32,
     }
     return y;
 }
+
+// Correctly rounded a + b (round to nearest even) of f32 bit patterns, neither NaN and
+// not both infinite, subnormal operands and results included: WGSL's '+' is correctly
+// rounded too, but an adapter may flush subnormals, and the asymmetric activation pass
+// needs (mx - mn) and (q_min - mn / scale) exactly as numpy's float32 gives them.
+fn add_rne(a: u32, b: u32) -> u32 {
+    // x: the operand of the larger magnitude, whose sign the sum takes.
+    var x = a;
+    var y = b;
+    if ((b & 0x7fffffffu) > (a & 0x7fffffffu)) {
+        x = b;
+        y = a;
+    }
+    let ax = x & 0x7fffffffu;
+    let ay = y & 0x7fffffffu;
+    if (ax >= 0x7f800000u || ay == 0u) {
+        // -0 + -0 is -0; every other sum with a zero is the other operand.
+        return select(x, x & y, ax == 0u);
+    }
+    var ex = ax >> 23u;
+    var mx = ax & 0x7fffffu;
+    if (ex == 0u) {
+        ex = 1u;
+    } else {
+        mx = mx | 0x800000u;
+    }
+    var ey = ay >> 23u;
+    var my = ay & 0x7fffffu;
+    if (ey == 0u) {
+        ey = 1u;
+    } else {
+        my = my | 0x800000u;
+    }
+    // Six guard bits; the bits of y shifted out below them are jammed into the lowest
+    // (a sticky bit), which keeps the rounding of a sum or a difference exact.
+    let big = mx << 6u;
+    var small = my << 6u;
+    let d = ex - ey;
+    if (d >= 31u) {
+        small = 1u;
+    } else if (d > 0u) {
+        small = (small >> d) | select(0u, 1u, (small & ((1u << d) - 1u)) != 0u);
+    }
+    var r = big + small;
+    if (((a ^ b) >> 31u) == 1u) {
+        r = big - small;
+    }
+    if (r == 0u) {
+        return 0u;
+    }
+    // The sum is r * 2^(ex - 156); round r to 24 significant bits.
+    let p = 31u - countLeadingZeros(r);
+    var e = i32(ex + p) - 29;
+    var sh = i32(p) - 23;
+    if (e <= 0) {
+        // Subnormal result: bits below 2^-149 go as well.
+        sh = sh + 1 - e;
+        e = 0;
+    }
+    var sig = 0u;
+    if (sh <= 0) {
+        sig = r << u32(-sh);
+    } else {
+        let s = u32(sh);
+        sig = r >> s;
+        let rb = (r >> (s - 1u)) & 1u;
+        let sticky = (r & ((1u << (s - 1u)) - 1u)) != 0u;
+        if (rb == 1u && (sticky || (sig & 1u) == 1u)) {
+            sig = sig + 1u;
+        }
+    }
+    let sign = x & 0x80000000u;
+    if (e == 0) {
+        return sign | sig;
+    }
+    if (e >= 255) {
+        return sign | 0x7f800000u;
+    }
+    return sign | min((u32(e - 1) << 23u) + sig, 0x7f800000u);
+}

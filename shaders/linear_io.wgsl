@@ -3,13 +3,18 @@
 //
 // Bindings: 0 output y (tout, TIn), 1 act_q (u32 words, rows of kw words),
 // 2 weight_q (u32 words, rows of kw words), 3 act_scale, 4 weight_scale, 5 bias
-// (TIn), 7 params. Each dispatch covers rows [0, m) x columns [0, n) of a block
+// (TIn), 6 act_zp (i32, per row), 8 weight_colsum (i32, per column), 7 params. The
+// plans without a zero point bind the device's dummy buffer at 6 and 8 and never read
+// them (ASYM false): one bind group layout and one source serve every scheme. Each
+// dispatch covers rows [0, m) x columns [0, n) of a block
 // whose origins in each binding are the *_base fields, so that a problem larger
 // than one dispatch or one binding is run block by block.
 
 override HAS_BIAS: bool = false;
 // False when K is small enough that |acc| <= 2^24, where f32(acc) is exact anyway.
 override BIG_ACC: bool = true;
+// The activation scheme has a zero point: acc - act_zp[row] * colsum[col] is dequantized.
+override ASYM: bool = false;
 
 struct LinearParams {
     m: u32,          // rows in this dispatch
@@ -23,7 +28,11 @@ struct LinearParams {
     y_base: u32,     // element index of y[0, 0] in binding 0
     y_stride: u32,   // elements per row of y
     zero: u32,       // always 0 (see dequant_bits)
+    zp_base: u32,    // element index of act_zp row 0
+    cs_base: u32,    // element index of weight_colsum column 0
     pad0: u32,
+    pad1: u32,
+    pad2: u32,
 }
 
 // read_write although only read: see rowquant.wgsl.
@@ -32,6 +41,8 @@ struct LinearParams {
 @group(0) @binding(3) var<storage, read_write> act_scale: array<TIn>;
 @group(0) @binding(4) var<storage, read_write> wscale: array<TIn>;
 @group(0) @binding(5) var<storage, read_write> bias: array<TIn>;
+@group(0) @binding(6) var<storage, read_write> act_zp: array<i32>;
+@group(0) @binding(8) var<storage, read_write> colsum: array<i32>;
 @group(0) @binding(7) var<uniform> p: LinearParams;
 
 // f32 bits of act_scale[row].
@@ -57,12 +68,24 @@ fn out_bits(acc: i32, s: u32, wb: vec2<u32>) -> u32 {
 
 // Dequantize and store y[row, col] (and y[row, col + 1] when `two`), rounding once;
 // s = row_scale(row), wb0 / wb1 = col_params(col / col + 1).
+// With a zero point, the zero point's share zp[row] * colsum[col] leaves the int32
+// accumulators first: exact within the plan's K bound, and WGSL integer arithmetic
+// wraps rather than being undefined on overflow.
 fn store_pair(row: u32, col: u32, s: u32, wb0: vec2<u32>, wb1: vec2<u32>, acc0: i32, acc1: i32,
               two: bool) {
+    var a0 = acc0;
+    var a1 = acc1;
+    if (ASYM) {
+        let z = act_zp[p.zp_base + row];
+        a0 = acc0 - z * colsum[p.cs_base + col];
+        if (two) {
+            a1 = acc1 - z * colsum[p.cs_base + col + 1u];
+        }
+    }
     let e = p.y_base + row * p.y_stride + col;
-    let t0 = out_bits(acc0, s, wb0);
+    let t0 = out_bits(a0, s, wb0);
     if (two) {
-        tout_store2(e, t0, out_bits(acc1, s, wb1));
+        tout_store2(e, t0, out_bits(a1, s, wb1));
     } else {
         tout_store(e, t0);
     }

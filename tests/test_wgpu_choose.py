@@ -124,7 +124,45 @@ def test_quantize_choice():
     exact = choose_quant(big, VULKAN_GPU, options(quantize_exact_only=True))
     assert exact.name == "rowquant_wg256_exact"
     assert exact.constants(-100, 90) == {"TIN_KIND": 0, "WG": 256, "Q_MIN": -100, "Q_MAX": 90,
-                                         "EXACT_ONLY": 1}
+                                         "SCHEME": 0, "EXACT_ONLY": 1}
+
+
+@pytest.mark.parametrize("scheme,code", [("dynamic", 0), ("static", 1), ("static_asym", 2),
+                                         ("dynamic_asym", 3)])
+def test_each_scheme_is_a_pipeline_variant_named_in_the_sku(scheme, code):
+    """The scheme is fixed at selection: the activation pass's SCHEME override, the GEMM's
+    ASYM override (the zero-point epilogue) in every family, and both named in the sku."""
+    opts = options()
+    asym = scheme.endswith("_asym")
+    tag = "" if scheme == "dynamic" else f"_{scheme}"
+    q = choose_quant(ql.DynamicRangeQuantizeDescriptor(4, 64, ql.f16, scheme=scheme),
+                     LAVAPIPE, opts)
+    assert q.constants(-128, 127)["SCHEME"] == code
+    assert quantize_sku(q) == f"wgpu.rowquant_wg32{tag}+f16_native"
+    zp = "_zp" if asym else ""
+    for m, ip, want in [(3, None, f"gemv_m3_kl8_c8_dot4{zp}"),
+                        (3, "fma", f"gemv_m3_kl8_c8_fma{zp}"),
+                        (40, None, f"gemm_tiled_64x64x128_r4x4_dot4{zp}"),
+                        (400, None, f"gemm_tiled_128x128x128_r8x8_dot4{zp}"),
+                        (400, "fma", f"gemm_tiled_64x64x32_r4x4_fma{zp}")]:
+        o = options(inner_product=ip)
+        desc = ql.QuantizedLinearDescriptor(m, 64, 64, ql.bf16, scheme=scheme)
+        c = choose_linear(desc, LAVAPIPE, o)
+        assert c.constants(True)["ASYM"] == int(asym)
+        assert linear_sku(choose_quant(desc.activation_pass, LAVAPIPE, o), c) == (
+            f"wgpu.rowquant_wg32{tag}+{want}+bf16_packed")
+
+
+def test_zero_points_widen_the_accumulator_bound():
+    """f32(acc) is exact below 2^24; with a zero point q - zp spans q_max - q_min."""
+    def big(k, scheme):
+        desc = ql.QuantizedLinearDescriptor(100, 8, k, ql.f32, scheme=scheme)
+        return choose_linear(desc, LAVAPIPE, options()).big_acc
+    # 1032 * 127 * 128 < 2^24 < 1032 * 255 * 128; 1033 * 127 * 128 > 2^24.
+    assert not big(1032, "dynamic") and not big(1032, "static")
+    assert big(1033, "dynamic")
+    assert big(1032, "dynamic_asym") and big(1032, "static_asym")
+    assert not big(514, "dynamic_asym") and big(515, "static_asym")
 
 
 def test_unsupported_messages():

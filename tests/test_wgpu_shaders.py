@@ -77,14 +77,16 @@ def test_bindings_match_the_layout_tables(family):
 
 
 def test_parameter_blocks_are_built_by_field_name():
-    data = pack_params(layouts.QuantParams, [dict(k=5, kw=2, x_base=1, q_base=2, s_base=3),
-                                             dict(k=9, kw=3, x_base=0, q_base=0, s_base=7)])
+    common = dict(zp_base=0, in_scale=0x3f800000)
+    data = pack_params(layouts.QuantParams,
+                       [dict(k=5, kw=2, x_base=1, q_base=2, s_base=3, in_zp=0, **common),
+                        dict(k=9, kw=3, x_base=0, q_base=0, s_base=7, in_zp=-128, **common)])
     assert data.shape == (2, PARAM_STRIDE)
     rec = data[1, :layouts.QuantParams.itemsize].view(layouts.QuantParams)[0]
-    assert (rec["k"], rec["kw"], rec["s_base"]) == (9, 3, 7)
+    assert (rec["k"], rec["kw"], rec["s_base"], rec["in_zp"]) == (9, 3, 7, -128)
     assert not data[:, layouts.QuantParams.itemsize:].any()
     with pytest.raises(ValueError, match="s_base"):
-        pack_params(layouts.QuantParams, [dict(k=5, kw=2, x_base=1, q_base=2)])
+        pack_params(layouts.QuantParams, [dict(k=5, kw=2, x_base=1, q_base=2, in_zp=0, **common)])
     with pytest.raises(ValueError, match="bogus"):
         pack_params(layouts.MatmulParams, [dict(m=1, n=1, k=1, bogus=0)])
 

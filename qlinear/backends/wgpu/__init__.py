@@ -13,6 +13,13 @@ dot4I8Packed, and on adapters whose dot4I8Packed failed the probe (a tiny kernel
 ``qlinear info`` say so). Tiles shrink to fit the adapter's workgroup memory.
 ``be.configured(...)`` overrides these choices (tests run every variant on lavapipe).
 
+Every activation scheme runs (:class:`qlinear.ActivationScheme`): the scheme is a pipeline
+variant of the activation pass (its SCHEME override, named in the sku), fixed when a plan
+is selected; a static scale and zero point reach it in each run's parameter block. With a
+zero point, every GEMM family's epilogue (``linear_io.wgsl``, ASYM) subtracts
+``act_zp[m] * weight_colsum[n]`` from the int32 accumulator before dequantizing (the sku's
+GEMM name ends in ``_zp``).
+
 Numbers are the cpu backend's bit for bit: every rounding the contract names is
 done in integer arithmetic inside the shaders (see ``shaders/common.wgsl``).
 

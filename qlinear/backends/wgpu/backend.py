@@ -19,6 +19,7 @@ import numpy as np
 from ...dtypes import DTypeLike, as_dtype
 from ...errors import BackendUnavailable, InvalidProblem
 from ...problem import DynamicRangeQuantizeDescriptor, QuantizedLinearDescriptor
+from ...schemes import ActivationScheme
 from ...tensors import Tensor, host_view
 from ...validate import check_new_tensor, check_shape, host_array
 from .. import install_hint
@@ -51,6 +52,7 @@ class WgpuBackend(Backend):
     ``gpu`` (:class:`WgpuDevice`)."""
 
     name = "wgpu"
+    activation_schemes = frozenset(ActivationScheme)
 
     def __init__(self, wgpu_module: Any, adapter: Any, device: Any):
         self._wgpu = wgpu_module
@@ -271,13 +273,15 @@ class WgpuBackend(Backend):
     shader_source = staticmethod(shader_source)
 
     def linear_executable(self, desc: QuantizedLinearDescriptor) -> LinearExecutable:
-        """The two-kernel linear plan: fused activation pass, then the GEMM chosen by shape
-        (small-M kernel for decode shapes, else tiled) and adapter (dot4I8Packed or f32
-        FMA). f64 raises :class:`Unsupported`."""
+        """The two-kernel linear plan: fused activation pass of the descriptor's scheme,
+        then the GEMM chosen by shape (small-M kernel for decode shapes, else tiled) and
+        adapter (dot4I8Packed or f32 FMA), its epilogue taking out the zero point's share
+        with an asymmetric scheme. f64 raises :class:`Unsupported`."""
         return LinearExecutable(self, desc)
 
     def quantize_executable(self, desc: DynamicRangeQuantizeDescriptor) -> QuantizeExecutable:
-        """The fused activation pass alone (f64 raises :class:`Unsupported`)."""
+        """The fused activation pass of the descriptor's scheme alone (f64 raises
+        :class:`Unsupported`)."""
         return QuantizeExecutable(self, desc)
 
 

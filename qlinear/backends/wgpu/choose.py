@@ -5,6 +5,7 @@ options. Nothing here touches a device or imports wgpu, so every choice (and eve
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from ...dtypes import DType, f16, f64
 from ...errors import Unsupported
 from ...problem import DECODE_MAX_M, DynamicRangeQuantizeDescriptor, QuantizedLinearDescriptor
+from ...schemes import ActivationScheme
 from .options import WgpuOptions
 
 __all__ = ["AdapterFacts", "Storage", "QuantChoice", "GemvChoice", "TiledChoice", "LinearChoice",
@@ -22,6 +24,9 @@ __all__ = ["AdapterFacts", "Storage", "QuantChoice", "GemvChoice", "TiledChoice"
 _GPU_TYPES = ("DiscreteGPU", "IntegratedGPU", "VirtualGPU")
 # TIN_KIND of elem_words.wgsl.
 _TIN_KIND = {"f32": 0, "f16": 1, "bf16": 2}
+# SCHEME of rowquant.wgsl.
+_SCHEME_CODE = {ActivationScheme.DYNAMIC: 0, ActivationScheme.STATIC: 1,
+                ActivationScheme.STATIC_ASYM: 2, ActivationScheme.DYNAMIC_ASYM: 3}
 #: Why a plan takes the f32 path on an adapter whose dot4I8Packed failed the probe
 #: (``AdapterFacts.dot4_exact`` False): said in its sku.
 DOT4_FAILED = "f32 path: dot4I8Packed failed the probe"
@@ -88,24 +93,27 @@ class Storage:
 
 @dataclass(frozen=True)
 class QuantChoice:
-    """The activation pass (``rowquant.wgsl``): one workgroup of ``wg`` invocations per row."""
+    """The activation pass (``rowquant.wgsl``): one workgroup of ``wg`` invocations per row,
+    quantizing by ``scheme`` (a pipeline variant: its SCHEME override)."""
 
     storage: Storage
     wg: int
     exact: bool
+    scheme: ActivationScheme = ActivationScheme.DYNAMIC
 
     family = "rowquant"
     entry = "main"
 
     @property
     def name(self) -> str:
-        """The kernel's name in the sku."""
-        return f"rowquant_wg{self.wg}" + ("_exact" if self.exact else "")
+        """The kernel's name in the sku: the scheme named unless it is the default."""
+        scheme = "" if self.scheme is ActivationScheme.DYNAMIC else f"_{self.scheme.value}"
+        return f"rowquant_wg{self.wg}{scheme}" + ("_exact" if self.exact else "")
 
     def constants(self, q_min: int, q_max: int) -> dict[str, int]:
         """The override constants of the pipeline for quantization range ``q_min..q_max``."""
         return dict(self.storage.constants(), WG=self.wg, Q_MIN=q_min, Q_MAX=q_max,
-                    EXACT_ONLY=int(self.exact))
+                    SCHEME=_SCHEME_CODE[self.scheme], EXACT_ONLY=int(self.exact))
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,8 @@ class GemvChoice:
     big_acc: bool
     #: Why the inner product is not the adapter's usual one ("" when it is), for the sku.
     why: str = ""
+    #: The epilogue takes the zero point's share out of the accumulators (ASYM).
+    asym: bool = False
 
     family = "gemv"
     entry = "main"
@@ -140,12 +150,12 @@ class GemvChoice:
     @property
     def name(self) -> str:
         """The kernel's name in the sku."""
-        return f"gemv_m{self.m}_kl{self.kl}_c{self.cg}_{self.ip}"
+        return f"gemv_m{self.m}_kl{self.kl}_c{self.cg}_{self.ip}" + ("_zp" if self.asym else "")
 
     def constants(self, has_bias: bool) -> dict[str, int]:
         """The override constants of the pipeline, with or without the bias add."""
         return dict(self.storage.constants(), HAS_BIAS=int(has_bias), BIG_ACC=int(self.big_acc),
-                    KL=self.kl, CG=self.cg, MROWS=max(1, self.m),
+                    ASYM=int(self.asym), KL=self.kl, CG=self.cg, MROWS=max(1, self.m),
                     STRATEGY=1 if self.ip == "fma" else 0)
 
 
@@ -162,6 +172,8 @@ class TiledChoice:
     big_acc: bool
     #: Why the inner product is not the adapter's usual one ("" when it is), for the sku.
     why: str = ""
+    #: The epilogue takes the zero point's share out of the accumulators (ASYM).
+    asym: bool = False
 
     splits_rows = True
 
@@ -189,13 +201,14 @@ class TiledChoice:
     def name(self) -> str:
         """The kernel's name in the sku."""
         b, t = self.block, self.tile
-        return f"gemm_tiled_{b}x{b}x{self.bk * 4}_r{t}x{t}_{self.ip}"
+        zp = "_zp" if self.asym else ""
+        return f"gemm_tiled_{b}x{b}x{self.bk * 4}_r{t}x{t}_{self.ip}{zp}"
 
     def constants(self, has_bias: bool) -> dict[str, int]:
         """The override constants of the pipeline, with or without the bias add."""
         return dict(self.storage.constants(), HAS_BIAS=int(has_bias), BIG_ACC=int(self.big_acc),
-                    BM=self.bm, BN=self.bn, BK=self.bk, WGX=self.bn // self.tile,
-                    WGY=self.bm // self.tile)
+                    ASYM=int(self.asym), BM=self.bm, BN=self.bn, BK=self.bk,
+                    WGX=self.bn // self.tile, WGY=self.bm // self.tile)
 
 
 LinearChoice = GemvChoice | TiledChoice
@@ -256,7 +269,7 @@ def choose_quant(desc: DynamicRangeQuantizeDescriptor, facts: AdapterFacts,
     # One workgroup per row; on a CPU adapter (lavapipe) small workgroups are cheaper.
     cap = 256 if facts.is_gpu else 32
     wg = min(cap, facts.max_invocations_1d, max(32, _pow2_at_least(-(-desc.k // 4))))
-    return QuantChoice(storage, wg, bool(options.quantize_exact_only))
+    return QuantChoice(storage, wg, bool(options.quantize_exact_only), desc.scheme)
 
 
 def choose_linear(desc: QuantizedLinearDescriptor, facts: AdapterFacts,
@@ -265,11 +278,16 @@ def choose_linear(desc: QuantizedLinearDescriptor, facts: AdapterFacts,
     with the largest tile that fits the adapter's workgroup limits."""
     storage = choose_storage(desc.dtype, facts, options)
     ip, why = inner_product_why(facts, options)
-    # |acc| <= K * 128 * 128: below 2^24 every int32 -> f32 conversion is exact.
-    big_acc = desc.k * 128 * max(-desc.q_min, desc.q_max) > 2**24
+    asym = desc.scheme.asymmetric
+    # |acc| <= K * span * 128, where span is max(|q|), or with a zero point the whole
+    # range (q - zp spans it): below 2^24 every int32 -> f32 conversion is exact.
+    span = desc.q_max - desc.q_min if asym else max(-desc.q_min, desc.q_max)
+    big_acc = desc.k * span * 128 > 2**24
     if desc.is_decode:
-        return _choose_gemv(desc, facts, options, storage, ip, big_acc, why)
-    return _choose_tiled(desc, facts, options, storage, ip, big_acc, why)
+        c: LinearChoice = _choose_gemv(desc, facts, options, storage, ip, big_acc, why)
+    else:
+        c = _choose_tiled(desc, facts, options, storage, ip, big_acc, why)
+    return dataclasses.replace(c, asym=asym)
 
 
 def _choose_gemv(desc: QuantizedLinearDescriptor, facts: AdapterFacts, options: WgpuOptions,

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Dispatches", "RunCache", "binding_room", "bind_range", "pack_params", "params_buffer",
            "bind_group", "quant_rows_per_dispatch", "quant_dispatches", "gemm_dispatches",
-           "PARAM_STRIDE"]
+           "scale_bits", "PARAM_STRIDE"]
 
 # Stride of the per-dispatch parameter blocks in one uniform buffer: the largest
 # min-uniform-buffer-offset-alignment WebGPU allows.
@@ -53,7 +53,8 @@ class Dispatches:
 
 
 class RunCache:
-    """Bind groups and parameters per set of tensors, keyed by buffer ids and offsets.
+    """Bind groups and parameters per set of tensors, keyed by buffer ids and offsets and
+    by the host scalars the parameter blocks hold (a static scheme's scale and zero point).
 
     It holds no Python reference to the buffers: the entries of a buffer are dropped
     when it is collected (so an id is never reused while cached, and the bind groups,
@@ -70,10 +71,12 @@ class RunCache:
         self._collected: deque[int] = deque()  # ids of collected buffers, not yet dropped
         self._lock = threading.Lock()
 
-    def lookup(self, buffers: Sequence[Any], key: tuple[tuple[int, Any], ...],
-               build: Callable[[], Dispatches]) -> Dispatches:
-        """The entry of ``key``, made by ``build()`` on first use; ``buffers`` are the
-        buffers it binds, whose collection drops it."""
+    def lookup(self, buffers: Sequence[Any], binds: tuple[tuple[int, Any], ...],
+               build: Callable[[], Dispatches], scalars: Hashable = None) -> Dispatches:
+        """The entry of ``binds`` (pairs of buffer id and offset) and ``scalars`` (the
+        run's host values that its parameter blocks hold), made by ``build()`` on first
+        use; ``buffers`` are the buffers it binds, whose collection drops it."""
+        key = (binds, scalars)
         with self._lock:
             while self._collected:
                 self._forget(self._collected.popleft())
@@ -94,7 +97,7 @@ class RunCache:
 
     def _drop(self, key: Any) -> None:
         self.entries.pop(key, None)
-        for bid, _ in key:
+        for bid, _ in key[0]:
             keys = self._watched.get(bid)
             if keys is not None:
                 keys.discard(key)
@@ -193,9 +196,9 @@ def _bound(gpu: WgpuDevice, layout: Layout, pipeline: Any, blocks: list[dict[str
 def quant_rows_per_dispatch(gpu: WgpuDevice, k: int, itemsize: int,
                             options: WgpuOptions) -> int:
     """Rows of the activation pass per dispatch: one workgroup per row, and each tensor's
-    rows in one binding."""
+    rows in one binding (zero points are 4 bytes a row)."""
     room = binding_room(gpu, options)
-    per_row = max(k * itemsize, round_up(k, 4), itemsize, 1)
+    per_row = max(k * itemsize, round_up(k, 4), itemsize, 4)
     if per_row > room:
         raise Unsupported(
             f"k: a row of {k} elements needs {per_row} bytes in one storage binding, "
@@ -203,9 +206,21 @@ def quant_rows_per_dispatch(gpu: WgpuDevice, k: int, itemsize: int,
     return max(1, min(options.max_workgroups_per_dim, room // per_row))
 
 
+def scale_bits(input_scale: float | None) -> int:
+    """The f32 bit pattern of a static scale (already rounded to TIn, so exact in f32);
+    0 without one."""
+    if input_scale is None:
+        return 0
+    return int(np.array(input_scale, np.float32).view(np.uint32))
+
+
 def quant_dispatches(gpu: WgpuDevice, pipeline: Any, desc: DynamicRangeQuantizeDescriptor,
-                     rows_per: int, x: Tensor, q: Tensor, s: Tensor) -> Dispatches:
-    """The activation pass of ``x`` into ``q`` and ``s``, ``rows_per`` rows a dispatch."""
+                     rows_per: int, x: Tensor, q: Tensor, s: Tensor, zp: Tensor | None = None,
+                     input_scale: float | None = None,
+                     input_zero_point: int | None = None) -> Dispatches:
+    """The activation pass of ``x`` into ``q``, ``s`` (and the zero points ``zp``, with an
+    asymmetric scheme), ``rows_per`` rows a dispatch; the static schemes' scale and zero
+    point travel in the parameter blocks."""
     k, isz = desc.k, desc.dtype.itemsize
     kp = round_up(k, 4)
     blocks, binds = [], []
@@ -214,8 +229,11 @@ def quant_dispatches(gpu: WgpuDevice, pipeline: Any, desc: DynamicRangeQuantizeD
         xr, xo = bind_range(gpu, x, r0 * k * isz, (r0 + rows) * k * isz)
         qr, qo = bind_range(gpu, q, r0 * kp, (r0 + rows) * kp)
         sr, so = bind_range(gpu, s, r0 * isz, (r0 + rows) * isz)
-        blocks.append(dict(k=k, kw=kp // 4, x_base=xo // isz, q_base=qo // 4, s_base=so // isz))
-        binds.append(({"tout": sr, "x": xr, "q": qr}, (rows, 1, 1)))
+        zr, zo = bind_range(gpu, zp, r0 * 4, (r0 + rows) * 4)
+        blocks.append(dict(k=k, kw=kp // 4, x_base=xo // isz, q_base=qo // 4, s_base=so // isz,
+                           zp_base=zo // 4, in_scale=scale_bits(input_scale),
+                           in_zp=input_zero_point or 0))
+        binds.append(({"tout": sr, "x": xr, "q": qr, "act_zp": zr}, (rows, 1, 1)))
     return _bound(gpu, QUANT, pipeline, blocks, binds)
 
 
@@ -230,7 +248,7 @@ def gemm_dispatches(gpu: WgpuDevice, pipeline: Any, c: LinearChoice,
     room = binding_room(gpu, options)
     max_wg = options.max_workgroups_per_dim
     # Columns per block: its weight rows (and scales, bias) in one binding, its grid in range.
-    cols = min(n, max_wg * c.bn, room // max(kp, isz))
+    cols = min(n, max_wg * c.bn, room // max(kp, isz, 4))
     if c.bn <= cols < n:
         cols = cols // c.bn * c.bn
     if cols < 1:
@@ -240,11 +258,12 @@ def gemm_dispatches(gpu: WgpuDevice, pipeline: Any, c: LinearChoice,
     blocks, binds = [], []
     y, a, w = t.output, t.act_q_scratch, t.weight_q
     s, ws, bias = t.act_scale_scratch, t.weight_scale, t.bias
+    zp, cs = t.act_zp_scratch, t.weight_colsum
     for c0 in range(0, n, cols):
         nc = min(cols, n - c0)
         # Rows per block: their act_q rows and the y span [r0*n + c0, (r0+nr-1)*n + c0 + nc)
         # each in one binding.
-        rows = min(rows_cap, m, room // max(kp, isz), (room // isz - nc) // n + 1)
+        rows = min(rows_cap, m, room // max(kp, isz, 4), (room // isz - nc) // n + 1)
         if rows < 1:
             raise Unsupported(f"output: one row block exceeds the storage binding limit of "
                               f"{options.max_storage_binding} bytes")
@@ -255,11 +274,14 @@ def gemm_dispatches(gpu: WgpuDevice, pipeline: Any, c: LinearChoice,
             sr, so = bind_range(gpu, s, r0 * isz, (r0 + nr) * isz)
             wsr, wso = bind_range(gpu, ws, c0 * isz, (c0 + nc) * isz)
             br, bo = bind_range(gpu, bias, c0 * isz, (c0 + nc) * isz)
+            zr, zo = bind_range(gpu, zp, r0 * 4, (r0 + nr) * 4)
+            cr, co = bind_range(gpu, cs, c0 * 4, (c0 + nc) * 4)
             yr, yo = bind_range(gpu, y, (r0 * n + c0) * isz, ((r0 + nr - 1) * n + c0 + nc) * isz)
             blocks.append(dict(m=nr, n=nc, kw=kp // 4, a_base=ao // 4, b_base=wo // 4,
                                s_base=so // isz, ws_base=wso // isz, bias_base=bo // isz,
-                               y_base=yo // isz, y_stride=n, zero=0))
+                               y_base=yo // isz, y_stride=n, zero=0, zp_base=zo // 4,
+                               cs_base=co // 4))
             grid = (-(-nc // c.bn), -(-nr // c.bm) if c.splits_rows else 1, 1)
             binds.append(({"tout": yr, "act": ar, "wt": wr, "act_scale": sr, "wscale": wsr,
-                           "bias": br}, grid))
+                           "bias": br, "act_zp": zr, "colsum": cr}, grid))
     return _bound(gpu, LINEAR, pipeline, blocks, binds)

@@ -28,8 +28,13 @@ if TYPE_CHECKING:
 
 __all__ = ["QuantizeExecutable", "LinearExecutable"]
 
-# Every tensor of a linear bundle, in field order (bias may be None): the run cache key.
-_LINEAR_TENSORS = operator.attrgetter(*(f.name for f in dataclasses.fields(LinearTensors)))
+# The host scalars of a bundle: they travel in the parameter blocks, so they key the run
+# cache beside the tensors.
+_SCALARS = ("input_scale", "input_zero_point")
+# Every tensor of a linear bundle, in field order (bias and the zero-point tensors may be
+# None): the run cache key.
+_LINEAR_TENSORS = operator.attrgetter(
+    *(f.name for f in dataclasses.fields(LinearTensors) if f.name not in _SCALARS))
 
 
 def _with_f16_note(g: PrecisionGuarantee, storage: Storage) -> PrecisionGuarantee:
@@ -57,11 +62,11 @@ class _WgpuExecutable(Executable):
         self.options = be.options
         self._runs = RunCache()
 
-    def _cached(self, tensors: Sequence[Tensor | None],
-                build: Callable[[], Dispatches]) -> Dispatches:
+    def _cached(self, tensors: Sequence[Tensor | None], build: Callable[[], Dispatches],
+                scalars: Any = None) -> Dispatches:
         present = [t for t in tensors if t is not None]
         key = tuple((id(t.memory), t.buffer_offset) for t in present)
-        return self._runs.lookup([t.memory for t in present], key, build)
+        return self._runs.lookup([t.memory for t in present], key, build, scalars)
 
     def _encode(self, stream: Any, dispatches: Dispatches) -> None:
         encode(self.be, stream, self.sku, dispatches)
@@ -86,9 +91,12 @@ class QuantizeExecutable(_WgpuExecutable):
             self.gpu, desc.k, desc.dtype.itemsize, self.options)
 
     def run(self, tensors: QuantizeTensors, stream: Any = None) -> None:
-        x, q, s = tensors.activation, tensors.act_q, tensors.act_scale
-        d = self._cached((x, q, s), lambda: dispatch.quant_dispatches(
-            self.gpu, self.pipeline, self.desc, self.rows_per_dispatch, x, q, s))
+        t = tensors
+        x, q, s, zp = t.activation, t.act_q, t.act_scale, t.act_zp
+        scalars = (t.input_scale, t.input_zero_point)
+        d = self._cached((x, q, s, zp), lambda: dispatch.quant_dispatches(
+            self.gpu, self.pipeline, self.desc, self.rows_per_dispatch, x, q, s, zp,
+            *scalars), scalars)
         self._encode(stream, d)
 
 
@@ -97,7 +105,8 @@ class LinearExecutable(_WgpuExecutable):
 
     precision_guarantee = PrecisionGuarantee(
         flushes_subnormals=True,
-        note="activation pass exact in integer arithmetic; int32 accumulation exact; the "
+        note="activation pass exact in integer arithmetic; int32 accumulation exact (a zero "
+             "point's share taken out in int32); the "
              "epilogue's two f32 multiplies and bias add are correctly rounded float operations "
              "(kept unfused), other roundings are integer RNE: identical to the cpu backend. "
              "Adapters that flush subnormal floats may flush subnormal products in the epilogue.")
@@ -119,14 +128,16 @@ class LinearExecutable(_WgpuExecutable):
 
     def run(self, tensors: LinearTensors, stream: Any = None) -> None:
         # A bias-less run of the same tensors has its own entry: the key's length differs.
-        d = self._cached(_LINEAR_TENSORS(tensors), lambda: self._build(tensors))
+        d = self._cached(_LINEAR_TENSORS(tensors), lambda: self._build(tensors),
+                         (tensors.input_scale, tensors.input_zero_point))
         self._encode(stream, d)
 
     def _build(self, t: LinearTensors) -> Dispatches:
         desc = self.desc
         quant = dispatch.quant_dispatches(self.gpu, self.quant_pipeline, desc.activation_pass,
                                           self.quant_rows, t.activation, t.act_q_scratch,
-                                          t.act_scale_scratch)
+                                          t.act_scale_scratch, t.act_zp_scratch, t.input_scale,
+                                          t.input_zero_point)
         gemm = dispatch.gemm_dispatches(self.gpu, self.gemm_pipelines[t.bias is not None],
                                         self.choice, desc, t, self.options)
         return quant + gemm

@@ -21,10 +21,11 @@ _U32 = np.dtype("<u4")
 #: ``struct LinearParams`` of ``linear_io.wgsl``: one block of a GEMM dispatch.
 LinearParams = np.dtype([(name, _U32) for name in (
     "m", "n", "kw", "a_base", "b_base", "s_base", "ws_base", "bias_base", "y_base",
-    "y_stride", "zero", "pad0")])
-#: ``struct QuantParams`` of ``rowquant.wgsl``: one block of activation-pass rows.
-QuantParams = np.dtype([(name, _U32) for name in (
-    "k", "kw", "x_base", "q_base", "s_base", "pad0", "pad1", "pad2")])
+    "y_stride", "zero", "zp_base", "cs_base", "pad0", "pad1", "pad2")])
+#: ``struct QuantParams`` of ``rowquant.wgsl``: one block of activation-pass rows, and the
+#: static schemes' scale (f32 bits) and zero point.
+QuantParams = np.dtype([*((name, _U32) for name in (
+    "k", "kw", "x_base", "q_base", "s_base", "zp_base", "in_scale")), ("in_zp", np.dtype("<i4"))])
 #: ``struct MatmulParams`` of ``matmul_f32.wgsl``: the f32 benchmark matmul.
 MatmulParams = np.dtype([(name, _U32) for name in ("m", "n", "k", "pad")])
 
@@ -51,10 +52,11 @@ class Layout:
 
 
 # ``tout`` is the TIn output of the element-access preludes (elem_*.wgsl): act_scale for
-# the activation pass, y for the GEMMs.
-QUANT = Layout("quant", {"tout": 0, "x": 1, "q": 2}, QuantParams)
+# the activation pass, y for the GEMMs. The zero-point bindings (act_zp, colsum) are in
+# every scheme's layout; the schemes without one bind the device's dummy buffer there.
+QUANT = Layout("quant", {"tout": 0, "x": 1, "q": 2, "act_zp": 3}, QuantParams)
 LINEAR = Layout("linear", {"tout": 0, "act": 1, "wt": 2, "act_scale": 3, "wscale": 4,
-                           "bias": 5}, LinearParams)
+                           "bias": 5, "act_zp": 6, "colsum": 8}, LinearParams)
 MATMUL = Layout("matmul", {"c_out": 0, "a_in": 1, "b_in": 2}, MatmulParams)
 MICRO = Layout("micro", {"dst": 0, "src": 1})
 
