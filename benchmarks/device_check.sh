@@ -4,7 +4,8 @@
 #   ONLY=bench,wgsl bash benchmarks/device_check.sh  # some steps again (names as below)
 #   QLINEAR_COMMIT=<sha> ...                         # the commit, where .git did not travel
 # Steps, most valuable first, each under its own time limit (the limits add up to 540 s):
-# facts, the shared suite on the cuda backend, compute-sanitizer memcheck and racecheck,
+# facts, the shared suite on the cuda backend (every activation scheme included),
+# compute-sanitizer memcheck and racecheck (an asymmetric-scheme case among them),
 # the CUDA benchmark (--quick), then WGSL on the NVIDIA Vulkan adapter when wgpu is there
 # or its wheels were carried in .whl/ (Vulkan loader .debs in .gl/ where none is
 # installed). A failed or timed-out step does not stop the run: the summary at the end
@@ -22,8 +23,8 @@ export OUT WORK PY="${PYTHON:-python3}" SITE=/tmp/qlinear-site SKIP="$WORK/wgsl-
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 NV_ICD=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 if [[ -z "${VK_DRIVER_FILES:-}" && -f "$NV_ICD" ]]; then export VK_DRIVER_FILES="$NV_ICD"; fi
-export SUITE="tests/test_linear.py tests/test_quantize.py tests/test_bad_inputs.py
-  tests/test_api.py tests/test_inputs_everywhere.py tests/test_layer_build.py
+export SUITE="tests/test_linear.py tests/test_quantize.py tests/test_schemes.py
+  tests/test_scheme_args.py tests/test_bad_inputs.py tests/test_api.py tests/test_inputs_everywhere.py tests/test_layer_build.py
   tests/test_layer_io.py tests/test_cuda_backend.py tests/test_bench_peers.py
   tests/test_plugin.py tests/test_torch_module.py
   tests/test_torch_swap.py tests/test_torch_fidelity.py tests/test_torch_compile.py"

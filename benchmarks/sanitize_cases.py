@@ -1,8 +1,10 @@
 """Odd shapes through the cuda backend, for ``compute-sanitizer`` (memcheck, racecheck).
 
 Every case is checked against the exact int64 reference as well, so one run under the
-sanitizer says both "no bad access / no race" and "right answer". It also runs one
-zero-copy case each on torch and CuPy tensors on a non-default stream, where installed.
+sanitizer says both "no bad access / no race" and "right answer"; the asymmetric
+activation schemes' cases (zero points and weight column sums read at the tile edges)
+against the cpu backend, which runs every scheme exactly. It also runs one zero-copy
+case each on torch and CuPy tensors on a non-default stream, where installed.
 
     compute-sanitizer --tool memcheck --error-exitcode 3 \
         python benchmarks/sanitize_cases.py
@@ -24,6 +26,9 @@ from qlinear.reference import reference_linear  # noqa: E402
 MS = [1, 16, 17, 4097]
 KS = [3, 1025, 4096]
 N = 72  # not a multiple of any tile
+#: (M, K, dtype name, scheme): the zero-point GEMM (aligned K: the tiled kernel with the
+#: term compiled in) and, in full runs, the byte-load decode kernel given zero points.
+SCHEME_CASES = [(17, 4096, "f16", "dynamic_asym"), (1, 1025, "bf16", "static_asym")]
 
 
 def same(got, want):
@@ -46,6 +51,37 @@ def run_case(be, m, k, n, dtype, rng):
     ok = (same(be.to_numpy(args.output), y) and same(be.to_numpy(args.act_scale_scratch), s)
           and (be.to_numpy(args.act_q_scratch).astype(np.int64) == q).all())
     print(f"{'ok ' if ok else 'BAD'} M={m} K={k} N={n} {dtype.name} {plan.sku}", flush=True)
+    return ok
+
+
+def run_scheme_case(be, m, k, n, dtype, scheme, rng):
+    """One asymmetric-scheme problem on ``be`` and on the cpu backend: output, q, scales
+    and zero points must agree bit for bit."""
+    x = (rng.standard_normal((m, k)) * 3 + rng.uniform(-4, 4, (m, 1))).astype(dtype.numpy)
+    if m > 2:
+        x[1, 0] = np.nan
+    wq = rng.integers(-128, 128, (n, k), dtype=np.int8)
+    ws = rng.uniform(1e-3, 1e-2, n).astype(dtype.numpy)
+    bias = rng.standard_normal(n).astype(dtype.numpy)
+    desc = ql.QuantizedLinearDescriptor(m, n, k, dtype, scheme=scheme)
+    static = {"input_scale": 0.05, "input_zero_point": -9} if desc.scheme.static else {}
+    got, skus = [], []
+    for b in (be, ql.backend("cpu")):
+        plan = ql.QuantizedLinearPlan.select(b, desc)
+        skus.append(plan.sku)
+        args = ql.QuantizedLinearArgs(
+            b.from_numpy(x), b.from_numpy(wq), b.from_numpy(ws), b.empty((m, n), dtype),
+            b.empty((m, k), ql.s8), b.empty((m,), dtype), b.from_numpy(bias),
+            act_zp_scratch=b.empty((m,), ql.s32),
+            weight_colsum=b.from_numpy(ql.weight_colsum(wq)), **static)
+        plan.run(args)
+        got.append([b.to_numpy(t) for t in (args.output, args.act_q_scratch,
+                                             args.act_scale_scratch, args.act_zp_scratch)])
+    # Floats (bf16 is numpy kind "V") NaN where the other is NaN, integers equal.
+    ok = all(same(a, c) if a.dtype.kind in "fV" else bool((a == c).all())
+             for a, c in zip(*got))
+    print(f"{'ok ' if ok else 'BAD'} M={m} K={k} N={n} {dtype.name} {scheme} {skus[0]}",
+          flush=True)
     return ok
 
 
@@ -99,6 +135,9 @@ def main():
     dtypes = [ql.f16] if args.quick else [ql.f16, ql.bf16, ql.f32] + (
         [ql.f64] if be.name != "wgpu" else [])
     ok = all([run_case(be, m, k, N, dt, rng) for m in ms for k in ks for dt in dtypes])
+    cases = SCHEME_CASES[:1] if args.quick else SCHEME_CASES
+    ok &= all([run_scheme_case(be, m, k, N, getattr(ql, dt), sch, rng)
+               for m, k, dt, sch in cases])
     if be.name == "cuda" and not args.no_interop:
         ok &= zero_copy(be, rng)
     print("all ok" if ok else "FAILURES", flush=True)

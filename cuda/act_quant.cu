@@ -1,11 +1,19 @@
-// The activation pass, fused: per-row amax (reduction), scale, quantization.
+// The activation pass, fused: per-row reduction, scale (and zero point), quantization.
 //
-//   amax  = max_k |x[m, k]|                           (C = f32, f64 for f64)
-//   scale = amax / q_max  (IEEE division)            stored rounded to T (RNE)
-//   q     = clamp(rint(x / stored_scale), q_min, q_max)
-//   NaN/Inf in the row          -> scale NaN, q 0
-//   stored scale 0 (zero row,
-//   or underflow in T)          -> scale 1,   q 0
+// SCHEME (compile time; the host's ActivationScheme):
+//   SCHEME_DYNAMIC       amax  = max_k |x[m, k]|                  (C = f32, f64 for f64)
+//                        scale = amax / q_max (IEEE division), stored rounded to T (RNE)
+//                        q     = clamp(rint(x / stored_scale), q_min, q_max)
+//   SCHEME_STATIC        scale = in_scale (already a T value), z = in_zp (0 when symmetric)
+//                        q     = clamp(rint(x / scale) + z, q_min, q_max)
+//   SCHEME_DYNAMIC_ASYM  mn, mx = row min and max in C; if mx > mn:
+//                        t = (mx - mn) / (q_max - q_min), scale = T(t) if that is > 0 and
+//                        finite, z = clamp(rint(q_min - mn / scale), q_min, q_max),
+//                        q = clamp(rint(x / scale) + z, q_min, q_max);
+//                        otherwise the row is quantized as SCHEME_DYNAMIC does, z = 0
+//   Every scheme:        NaN/Inf in the row -> scale NaN, q 0, z 0
+//   SCHEME_DYNAMIC:      stored scale 0 (zero row, or underflow in T) -> scale 1, q 0
+// z goes to zp[m] where zp is given (the asymmetric schemes).
 //
 // WARP_ROWS: one warp per row (short rows); otherwise the whole block takes a row.
 // VEC: 16-byte loads of x and E-byte stores of q (the host checks K * sizeof(T) % 16 == 0
@@ -18,6 +26,11 @@
 namespace ql {
 
 constexpr int TAIL = 4;
+
+// The values of SCHEME (qlinear/backends/cuda/specs.py names them the same).
+constexpr int SCHEME_DYNAMIC = 0;
+constexpr int SCHEME_STATIC = 1;
+constexpr int SCHEME_DYNAMIC_ASYM = 2;
 
 __device__ __forceinline__ u32_t word_of(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
@@ -102,6 +115,45 @@ struct AbsMax<T, 8> {
     __device__ __forceinline__ u64_t lane_max() const { return m; }
 };
 
+__device__ __forceinline__ float min_c(float a, float b) { return fminf(a, b); }
+__device__ __forceinline__ double min_c(double a, double b) { return fmin(a, b); }
+__device__ __forceinline__ float max_c(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double max_c(double a, double b) { return fmax(a, b); }
+template <typename C> __device__ __forceinline__ C inf_c();
+template <> __device__ __forceinline__ float inf_c<float>() { return __int_as_float(0x7f800000); }
+template <> __device__ __forceinline__ double inf_c<double>() {
+    return __longlong_as_double(0x7ff0000000000000ll);
+}
+__device__ __forceinline__ bool finite_c(float a) {
+    return (__float_as_uint(a) & 0x7fffffffu) < 0x7f800000u;
+}
+__device__ __forceinline__ bool finite_c(double a) {
+    return (static_cast<u64_t>(__double_as_longlong(a)) & 0x7fffffffffffffffull) <
+           0x7ff0000000000000ull;
+}
+
+// One thread's running min and max of C(x) (ON: the asymmetric scheme; otherwise nothing).
+// NaN is skipped (fmin/fmax return the other operand): a row holding one is told apart by
+// AbsMax, whatever this says.
+template <typename T, bool ON>
+struct RowRange {
+    typedef typename Elem<T>::C C;
+    C mn, mx;
+    __device__ __forceinline__ RowRange() : mn(inf_c<C>()), mx(-inf_c<C>()) {}
+    __device__ __forceinline__ void add(C v) {
+        if (ON) {
+            mn = min_c(mn, v);
+            mx = max_c(mx, v);
+        }
+    }
+    __device__ __forceinline__ void vec(const uint4& v) {
+        constexpr int E = 16 / static_cast<int>(sizeof(T));
+#pragma unroll
+        for (int j = 0; j < E; ++j) add(vec_get<T>(v, j));
+    }
+    __device__ __forceinline__ void elem(const T* p) { add(load_elem(p)); }
+};
+
 // E int8 results (one 16-byte input vector) in one store of E bytes. The values are
 // already within q_min..q_max, so the packing's saturation never changes one.
 __device__ __forceinline__ u32_t pack2(int hi, int lo, u32_t rest) {
@@ -134,10 +186,11 @@ __device__ __forceinline__ void store_q(s8_t* p, const int (&q)[E]) {
 __device__ __forceinline__ bool fast_divisor(float d) { return d >= 0x1p-101f && d <= 0x1p126f; }
 __device__ __forceinline__ bool fast_divisor(double d) { return d >= 0x1p-968 && d <= 0x1p1022; }
 
-template <typename C>
+template <typename C, bool WIDE>
 struct RowQuant {
     C d, r;
     int lo, hi;
+    int z;  // the zero point, added after rounding (WIDE only)
 
     // q = clamp(rint(x / d)) with x / d the correctly rounded quotient, from the row's
     // reciprocal r = RN(1/d), with Markstein's correction (P. Markstein, IBM J. Res. Dev.
@@ -155,32 +208,53 @@ struct RowQuant {
     // When |q0| < 1/4 the residual may underflow and q1 may differ from RN(x / d), but both
     // stay below 1/2: |x / d| < 1/4 (1 + 2^-22), and |e * r| <= 1.5 ulp(q0) (1 + 2^-23) plus
     // at most 2^-150 * 2^101 (f64: 2^-1075 * 2^968), so rint gives 0 for each.
+    // WIDE (the static and asymmetric schemes): x / d is not bounded by the row's own
+    // range and may overflow. At |q0| >= kSat, x / d is as far out (q0 is within 1.5 ulp
+    // of it) and saturates whatever the zero point, while q1 may be inf - inf = NaN: q0
+    // stands in for it.
     __device__ __forceinline__ int fast(C x) const {
         const C q0 = mul_rn(x, r);
         const C e = fma_rn(-q0, d, x);
         const C q1 = fma_rn(e, r, q0);
+        if (WIDE) return finish(q0 > -kSat && q0 < kSat ? q1 : q0);
         return ::min(::max(rint_to_int(q1), lo), hi);
     }
     // Divisors outside the range above: the IEEE division itself.
     __device__ __forceinline__ int slow(C x) const {
+        if (WIDE) return finish(div_rn(x, d));
         return ::min(::max(rint_to_int(div_rn(x, d)), lo), hi);
+    }
+
+    // |z| <= 128 and q_min..q_max lies within -128..127, so quotients beyond kSat saturate
+    // exactly as at kSat. Clamping (an integer bound: rint commutes with it) in C before
+    // the conversion keeps rint(v) + z far from int overflow.
+    static constexpr C kSat = C(1024);
+    __device__ __forceinline__ int finish(C v) const {
+        v = v < -kSat ? -kSat : (v > kSat ? kSat : v);
+        return ::min(::max(rint_to_int(v) + z, lo), hi);
     }
 };
 
 }  // namespace ql
 
-template <typename T, int THREADS, bool WARP_ROWS, bool VEC, int CACHE>
+// zp: the per-row zero points (s32), or null (the symmetric schemes). in_scale, in_zp:
+// the static scheme's scale (a T value, widened to C) and zero point; unused otherwise.
+template <typename T, int THREADS, bool WARP_ROWS, bool VEC, int CACHE, int SCHEME>
 __global__ void __launch_bounds__(THREADS)
 qlinear_act_quant(const T* __restrict__ x, ql::s8_t* __restrict__ q, T* __restrict__ scale,
-                  int M, int K, int q_min, int q_max) {
+                  ql::s32_t* __restrict__ zp, int M, int K, int q_min, int q_max,
+                  typename ql::Elem<T>::C in_scale, int in_zp) {
     using namespace ql;
     typedef typename Elem<T>::C C;
     typedef typename Elem<T>::Bits Bits;
+    static_assert(SCHEME >= SCHEME_DYNAMIC && SCHEME <= SCHEME_DYNAMIC_ASYM, "unknown SCHEME");
+    constexpr bool ASYM = SCHEME == SCHEME_DYNAMIC_ASYM;
     constexpr int G = WARP_ROWS ? 32 : THREADS;  // threads sharing one row
     constexpr int E = 16 / static_cast<int>(sizeof(T));
     constexpr int WARPS = THREADS / 32;
     typedef decltype(AbsMax<T>().lane_max()) Acc;
     __shared__ Acc red_max[WARPS];
+    __shared__ C red_mn[ASYM ? WARPS : 1], red_mx[ASYM ? WARPS : 1];
 
     // The decode kernel that consumes q may launch now and stream its weights meanwhile.
     allow_dependents();
@@ -195,12 +269,17 @@ qlinear_act_quant(const T* __restrict__ x, ql::s8_t* __restrict__ q, T* __restri
     const int nvec = VEC ? K / E : 0;
 
     AbsMax<T> absmax;
+    RowRange<T, ASYM> range;
     uint4 cache[CACHE > 0 ? CACHE : 1];
     if (VEC) {
 #pragma unroll
         for (int i = 0; i < CACHE; ++i) cache[i] = load_vec(xv, lane + i * G, nvec);
 #pragma unroll
-        for (int i = 0; i < CACHE; ++i) absmax.vec(cache[i]);
+        for (int i = 0; i < CACHE; ++i) {
+            absmax.vec(cache[i]);
+            // The zeros past the row's end would be values of the range.
+            if (ASYM && lane + i * G < nvec) range.vec(cache[i]);
+        }
         int v = lane + CACHE * G;
 #pragma unroll 1
         for (; v + (TAIL - 1) * G < nvec; v += TAIL * G) {
@@ -208,42 +287,120 @@ qlinear_act_quant(const T* __restrict__ x, ql::s8_t* __restrict__ q, T* __restri
 #pragma unroll
             for (int u = 0; u < TAIL; ++u) w[u] = __ldg(xv + v + u * G);
 #pragma unroll
-            for (int u = 0; u < TAIL; ++u) absmax.vec(w[u]);
+            for (int u = 0; u < TAIL; ++u) {
+                absmax.vec(w[u]);
+                range.vec(w[u]);
+            }
         }
-        for (; v < nvec; v += G) absmax.vec(__ldg(xv + v));
+        for (; v < nvec; v += G) {
+            const uint4 w = __ldg(xv + v);
+            absmax.vec(w);
+            range.vec(w);
+        }
     } else {
-        for (int k = lane; k < K; k += G) absmax.elem(xr + k);
+        for (int k = lane; k < K; k += G) {
+            absmax.elem(xr + k);
+            range.elem(xr + k);
+        }
     }
 
     Acc m = absmax.lane_max();
+    C mn = range.mn, mx = range.mx;
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) m = ::max(m, __shfl_xor_sync(0xffffffffu, m, o));
+    for (int o = 16; o > 0; o >>= 1) {
+        m = ::max(m, __shfl_xor_sync(0xffffffffu, m, o));
+        if (ASYM) {
+            mn = min_c(mn, __shfl_xor_sync(0xffffffffu, mn, o));
+            mx = max_c(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        }
+    }
     if (!WARP_ROWS) {
         const int warp = threadIdx.x >> 5;
-        if ((threadIdx.x & 31) == 0) red_max[warp] = m;
+        if ((threadIdx.x & 31) == 0) {
+            red_max[warp] = m;
+            if (ASYM) {
+                red_mn[warp] = mn;
+                red_mx[warp] = mx;
+            }
+        }
         __syncthreads();
         m = red_max[0];
 #pragma unroll
         for (int w = 1; w < WARPS; ++w) m = ::max(m, red_max[w]);
+        if (ASYM) {
+            mn = red_mn[0];
+            mx = red_mx[0];
+#pragma unroll
+            for (int w = 1; w < WARPS; ++w) {
+                mn = min_c(mn, red_mn[w]);
+                mx = max_c(mx, red_mx[w]);
+            }
+        }
     }
     const bool bad = m >= AbsBits<T>::kInf;
     const C amax = Elem<T>::from_bits(static_cast<Bits>(m));
 
-    // The stored (rounded) scale is the divisor, so dequantization matches it.
-    Bits sbits = Elem<T>::bits_rn(div_rn(amax, static_cast<C>(q_max)));
+    // The row's stored scale (its bits) and zero point. The stored value is the divisor,
+    // so dequantization matches it.
+    Bits sbits;
+    int z = 0;
+    if (SCHEME == SCHEME_STATIC) {
+        sbits = Elem<T>::bits_rn(in_scale);  // exact: in_scale holds a T value
+        z = in_zp;
+    } else if (ASYM) {
+        // t = (mx - mn) / (q_max - q_min); a constant row, or a t that rounds to 0 or
+        // overflows in T, takes the symmetric scale amax / q_max (amax = max(|mn|, |mx|),
+        // read from the bits as there) and zero point 0. u is then the zero point's
+        // quotient mn / scale, or that symmetric scale. Both divisions go through one call
+        // of the division's slow path (a loop that is not unrolled): around two, ptxas
+        // spills the cached vectors.
+        const bool spread = mx > mn;
+        C num = spread ? add_rn(mx, -mn) : amax;
+        C den = from_int<C>(spread ? q_max - q_min : q_max);
+        Bits tbits = 0;
+        bool ok = false;
+        C u = C(0);
+#pragma unroll 1
+        for (int step = 0; step < 2; ++step) {
+            const C quotient = div_rn(num, den);
+            if (step == 0) {
+                tbits = Elem<T>::bits_rn(quotient);
+                const C s = Elem<T>::from_bits(tbits);
+                ok = spread && s > C(0) && finite_c(s);
+                num = ok ? mn : amax;
+                den = ok ? s : static_cast<C>(q_max);
+            } else {
+                u = quotient;
+            }
+        }
+        sbits = ok ? tbits : Elem<T>::bits_rn(u);
+        if (ok) z = ::min(::max(rint_to_int(add_rn(from_int<C>(q_min), -u)), q_min), q_max);
+    } else {
+        sbits = Elem<T>::bits_rn(div_rn(amax, static_cast<C>(q_max)));
+    }
     const C divisor = Elem<T>::from_bits(sbits);
-    const bool zero_row = !(divisor > C(0));
-    if (bad) sbits = Elem<T>::kNaN;
-    else if (zero_row) sbits = Elem<T>::bits_rn(C(1));
-    if (lane == 0) *reinterpret_cast<Bits*>(scale + row) = sbits;
+    // A symmetric scale of 0 (a zero row, or underflow in T) is stored as 1 and every q is
+    // 0; static and asymmetric scales are > 0 here.
+    const bool off = bad || !(divisor > C(0));
+    if (bad) {
+        sbits = Elem<T>::kNaN;
+        z = 0;
+    } else if (off) {
+        sbits = Elem<T>::bits_rn(C(1));
+    }
+    if (lane == 0) {
+        *reinterpret_cast<Bits*>(scale + row) = sbits;
+        if (SCHEME != SCHEME_DYNAMIC && zp != nullptr) zp[row] = z;
+    }
 
     // A zero or NaN/Inf row clamps every result to 0..0 (whatever x * r gives, NaN
     // included), through the fast path with d = 1.
-    RowQuant<C> quant;
-    quant.d = bad || zero_row ? C(1) : divisor;
+    RowQuant<C, SCHEME != SCHEME_DYNAMIC> quant;
+    quant.d = off ? C(1) : divisor;
     quant.r = rcp_rn(quant.d);
-    quant.lo = bad || zero_row ? 0 : q_min;
-    quant.hi = bad || zero_row ? 0 : q_max;
+    quant.lo = off ? 0 : q_min;
+    quant.hi = off ? 0 : q_max;
+    quant.z = z;
 
     // Uniform per row: rows whose scale is out of the reciprocal's range (see
     // fast_divisor) are read again and divided element by element, keeping nothing live

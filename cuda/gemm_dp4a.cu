@@ -1,5 +1,5 @@
 // Int8 GEMM with __dp4a (sm_75: no cp.async, no m16n8k32 integer MMA), dequantization
-// epilogue fused as in gemm_mma.cu.
+// epilogue (with the zero-point term where ZP says) fused as in gemm_mma.cu.
 //
 // Block tile BM x BN, k-tile 32 bytes held in shared memory as int32 words, k-major
 // (As[word][row]), padded by 4 words so that the transposing stores of a warp hit 32
@@ -8,12 +8,13 @@
 // contiguous. Plain loads (16-byte when ALIGNED, bytes otherwise); zero past the edges.
 #include "qlinear_common.cuh"
 
-template <typename T, int BM, int BN, int TM, int TN, bool ALIGNED>
+template <typename T, int BM, int BN, int TM, int TN, bool ALIGNED, int ZP>
 __global__ void __launch_bounds__((BM / TM) * (BN / TN))
 qlinear_gemm_dp4a(const ql::s8_t* __restrict__ A, const T* __restrict__ a_scale,
                   const ql::s8_t* __restrict__ W, const T* __restrict__ w_scale,
-                  const T* __restrict__ bias, T* __restrict__ Y, int M, int N, int K,
-                  int pair_ok) {
+                  const T* __restrict__ bias, const ql::s32_t* __restrict__ a_zp,
+                  const ql::s32_t* __restrict__ w_colsum, T* __restrict__ Y, int M, int N,
+                  int K, int pair_ok) {
     using namespace ql;
     typedef typename Elem<T>::C C;
     constexpr int TX = BN / TN;
@@ -79,22 +80,27 @@ qlinear_gemm_dp4a(const ql::s8_t* __restrict__ A, const T* __restrict__ a_scale,
         __syncthreads();
     }
 
+    const bool zp_on = zp_applies<ZP>(a_zp);
     C ws[TN];
+    int cs[TN];
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
         const int n = n0 + tx + j * TX;
         ws[j] = n < N ? load_elem(w_scale + n) : C(0);
+        cs[j] = zp_on && n < N ? __ldg(w_colsum + n) : 0;
     }
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
         const int m = m0 + ty + i * TY;
         if (m >= M) continue;
         const C sm = load_elem(a_scale + m);
+        const int zm = zp_on ? __ldg(a_zp + m) : 0;
         T* yrow = Y + static_cast<s64_t>(m) * N;
 #pragma unroll
         for (int j = 0; j < TN; ++j) {
             const int n = n0 + tx + j * TX;
-            if (n < N) store_elem(yrow + n, dequant<T>(acc[i][j], sm, ws[j], bias, n));
+            const int a = zp_on ? zp_adjust(acc[i][j], zm, cs[j]) : acc[i][j];
+            if (n < N) store_elem(yrow + n, dequant<T>(a, sm, ws[j], bias, n));
         }
     }
     (void)pair_ok;

@@ -1,6 +1,7 @@
 // Int8 GEMM on integer tensor cores (sm_80+) with the dequantization epilogue fused:
 //
 //   acc[m, n] = sum_k A[m, k] * W[n, k]            (mma.sync m16n8k32 s8, int32, exact)
+//   acc[m, n] -= a_zp[m] * w_colsum[n]              (ZP: the asymmetric schemes, int32)
 //   Y[m, n]   = ((C(acc) * C(a_scale[m])) * C(w_scale[n])) (+ C(bias[n]))   rounded once to T
 //
 // A (the quantized activation) is [M, K] row-major, W is [N, K] row-major: both are
@@ -13,12 +14,14 @@
 // (any K, any alignment: a slow but exact path).
 #include "qlinear_common.cuh"
 
-template <typename T, int BM, int BN, int WARPS_M, int WARPS_N, int STAGES, bool ALIGNED>
+template <typename T, int BM, int BN, int WARPS_M, int WARPS_N, int STAGES, bool ALIGNED,
+          int ZP>
 __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
 qlinear_gemm_mma(const ql::s8_t* __restrict__ A, const T* __restrict__ a_scale,
                  const ql::s8_t* __restrict__ W, const T* __restrict__ w_scale,
-                 const T* __restrict__ bias, T* __restrict__ Y, int M, int N, int K,
-                 int pair_ok) {
+                 const T* __restrict__ bias, const ql::s32_t* __restrict__ a_zp,
+                 const ql::s32_t* __restrict__ w_colsum, T* __restrict__ Y, int M, int N,
+                 int K, int pair_ok) {
     using namespace ql;
     typedef typename Elem<T>::C C;
     typedef typename Elem<T>::Bits Bits;
@@ -134,13 +137,16 @@ qlinear_gemm_mma(const ql::s8_t* __restrict__ A, const T* __restrict__ a_scale,
     cp_async_wait<0>();
 
     // Epilogue. Lane (g, t) holds rows g / g + 8 and columns 2t, 2t + 1 of each 16x8 tile.
+    const bool zp_on = zp_applies<ZP>(a_zp);
     C ws[NI][2];
+    int cs[NI][2];
 #pragma unroll
     for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
             const int n = n0 + wn0 + ni * 8 + 2 * t + j;
             ws[ni][j] = n < N ? load_elem(w_scale + n) : C(0);
+            cs[ni][j] = zp_on && n < N ? __ldg(w_colsum + n) : 0;
         }
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi)
@@ -149,15 +155,20 @@ qlinear_gemm_mma(const ql::s8_t* __restrict__ A, const T* __restrict__ a_scale,
             const int m = m0 + wm0 + mi * 16 + g + 8 * h;
             if (m >= M) continue;
             const C sm = load_elem(a_scale + m);
+            const int zm = zp_on ? __ldg(a_zp + m) : 0;
             T* yrow = Y + static_cast<s64_t>(m) * N;
 #pragma unroll
             for (int ni = 0; ni < NI; ++ni) {
                 const int n = n0 + wn0 + ni * 8 + 2 * t;
                 if (n >= N) continue;
-                const Bits b0 = store_bits<T>(dequant<T>(acc[mi][ni][2 * h], sm, ws[ni][0], bias, n));
+                int a0 = acc[mi][ni][2 * h], a1 = acc[mi][ni][2 * h + 1];
+                if (zp_on) {
+                    a0 = zp_adjust(a0, zm, cs[ni][0]);
+                    a1 = zp_adjust(a1, zm, cs[ni][1]);
+                }
+                const Bits b0 = store_bits<T>(dequant<T>(a0, sm, ws[ni][0], bias, n));
                 if (n + 1 < N) {
-                    const Bits b1 =
-                        store_bits<T>(dequant<T>(acc[mi][ni][2 * h + 1], sm, ws[ni][1], bias, n + 1));
+                    const Bits b1 = store_bits<T>(dequant<T>(a1, sm, ws[ni][1], bias, n + 1));
                     if (pair_ok) {
                         store_pair_bits(reinterpret_cast<Bits*>(yrow + n), b0, b1);
                     } else {

@@ -1,5 +1,6 @@
 // Small-M (decode) int8 GEMM on integer tensor cores (sm_80+), where reading the
-// weight once dominates. The epilogue is fused as in gemm_mma.cu.
+// weight once dominates. The epilogue (with the zero-point term where ZP says) is fused as
+// in gemm_mma.cu.
 //
 // A block owns 16 rows (blockIdx.y) x NG * 8 columns (blockIdx.x) and splits K across
 // its WARPS warps (split-K inside the block: no workspace, no atomics). Each warp
@@ -50,12 +51,13 @@ __device__ __forceinline__ int red_col(int reg, int lane) { return lane ^ ((reg 
 
 }  // namespace ql
 
-template <typename T, int WARPS, int NG, int U, bool ALIGNED>
+template <typename T, int WARPS, int NG, int U, bool ALIGNED, int ZP>
 __global__ void __launch_bounds__(WARPS * 32)
 qlinear_gemv_mma(const ql::s8_t* __restrict__ A, const T* __restrict__ a_scale,
                  const ql::s8_t* __restrict__ W, const T* __restrict__ w_scale,
-                 const T* __restrict__ bias, T* __restrict__ Y, int M, int N, int K,
-                 int pair_ok) {
+                 const T* __restrict__ bias, const ql::s32_t* __restrict__ a_zp,
+                 const ql::s32_t* __restrict__ w_colsum, T* __restrict__ Y, int M, int N,
+                 int K, int pair_ok) {
     using namespace ql;
     typedef typename Elem<T>::C C;
     __shared__ int red[WARPS][NG][4][32];
@@ -149,6 +151,8 @@ qlinear_gemv_mma(const ql::s8_t* __restrict__ A, const T* __restrict__ a_scale,
         int s = 0;
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) s += red[w][j][reg][col];
+        // The zero points are the activation pass's output, like a_scale: through L2.
+        if (zp_applies<ZP>(a_zp)) s = zp_adjust(s, __ldcg(a_zp + m), __ldg(w_colsum + n));
         const C y = dequant<T>(s, load_elem_l2(a_scale + m), load_elem(w_scale + n), bias, n);
         store_elem(Y + static_cast<s64_t>(m) * N + n, y);
     }

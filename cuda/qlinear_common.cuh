@@ -142,6 +142,30 @@ __device__ __forceinline__ typename Elem<T>::C dequant(int acc, typename Elem<T>
 }
 
 // ---------------------------------------------------------------------------------
+// The zero-point term of the asymmetric schemes, applied before step 5:
+//   acc' = acc - zp_m * colsum_n        (colsum_n = sum_k W[n, k])
+// in 32-bit wrapping (unsigned) arithmetic, where signed overflow would be undefined; the
+// host's K bound keeps the true value within int32, so the wrapped result is exact.
+// The ZP template argument of the GEMM kernels says where it applies:
+//   ZP_NONE      never (the symmetric schemes; the kernels are the plain ones)
+//   ZP_ALWAYS    always (the asymmetric schemes' fast kernels)
+//   ZP_IF_GIVEN  where a zero-point pointer is given: the byte-load fallbacks are slow
+//                anyway, so one kernel of them serves every scheme.
+constexpr int ZP_NONE = 0;
+constexpr int ZP_ALWAYS = 1;
+constexpr int ZP_IF_GIVEN = 2;
+
+template <int ZP>
+__device__ __forceinline__ bool zp_applies(const s32_t* zp) {
+    return ZP == ZP_ALWAYS || (ZP == ZP_IF_GIVEN && zp != nullptr);
+}
+
+__device__ __forceinline__ int zp_adjust(int acc, int zp_m, int colsum_n) {
+    return static_cast<int>(static_cast<u32_t>(acc) -
+                            static_cast<u32_t>(zp_m) * static_cast<u32_t>(colsum_n));
+}
+
+// ---------------------------------------------------------------------------------
 // 16 int8 values of a row starting at byte k, zero past K.
 // ALIGNED: the caller guarantees a 16-byte aligned row start and K % 16 == 0, so a
 // 16-byte chunk is either wholly inside the row or wholly outside.

@@ -78,10 +78,13 @@ def test_cai_view_contiguous_and_strided():
     assert (shape, strides, dtype, ro) == ((3, 4), (8, 1), ql.f32, True)
     assert interop.cai_view(FakeCAI(shape=(5,), typestr="|i1"), "x")[3] == ql.s8
     assert interop.cai_view(FakeCAI(shape=(5,), typestr="<f8"), "x")[3] == ql.f64
+    assert interop.cai_view(FakeCAI(shape=(5,), typestr="<i4"), "x")[3] == ql.s32
 
 
 @pytest.mark.parametrize("cai,match", [
-    (dict(shape=(2,), typestr="<i4"), "typestr"),
+    (dict(shape=(2,), typestr="<i8"), "typestr"),
+    (dict(shape=(2,), typestr="<u4"), "typestr"),
+    (dict(shape=(2,), typestr=">i4"), "typestr"),
     (dict(shape=(2,), typestr=">f4"), "typestr"),
     (dict(shape=(2,), typestr="<V2"), "typestr"),
     (dict(shape=(2,), typestr="<f4", mask=object()), "mask"),
@@ -125,6 +128,11 @@ class FakeDevice:
 
 @pytest.fixture
 def fake_backend(monkeypatch):
+    return make_fake_backend(monkeypatch)
+
+
+def make_fake_backend(monkeypatch):
+    """A CudaBackend on FakeDevice whose launches are recorded in ``be.launches``."""
     monkeypatch.setattr(cuda_compile, "_nvrtc_archs", lambda: (75, 80, 86, 89, 90, 100, 120))
     be = qc.CudaBackend(FakeDevice())
     launches = []
@@ -180,10 +188,12 @@ def test_aliasing_is_seen_through_device_pointers(fake_backend):
     assert a.overlaps(b) and b.overlaps(a) and not a.overlaps(c) and not b.overlaps(c)
 
 
-def _linear(be, m, n, k, dtype, bias=True, misalign=0):
-    desc = ql.QuantizedLinearDescriptor(m=m, c_out=n, k=k, dtype=dtype)
+def _linear(be, m, n, k, dtype, bias=True, misalign=0, scheme="dynamic", input_scale=None,
+            input_zero_point=None):
+    desc = ql.QuantizedLinearDescriptor(m=m, c_out=n, k=k, dtype=dtype, scheme=scheme)
     exe = be.linear_executable(desc)
     base = 1 << 30
+    asym = desc.scheme.asymmetric
     t = {
         "activation": _tensor(be, (m, k), dtype, base + misalign),
         "weight_q": _tensor(be, (n, k), ql.s8, base + (1 << 24)),
@@ -192,6 +202,10 @@ def _linear(be, m, n, k, dtype, bias=True, misalign=0):
         "act_q_scratch": _tensor(be, (m, k), ql.s8, base + (4 << 24)),
         "act_scale_scratch": _tensor(be, (m,), dtype, base + (5 << 24)),
         "bias": _tensor(be, (n,), dtype, base + (6 << 24)) if bias else None,
+        "act_zp_scratch": _tensor(be, (m,), ql.s32, base + (7 << 24)) if asym else None,
+        "weight_colsum": _tensor(be, (n,), ql.s32, base + (8 << 24)) if asym else None,
+        "input_scale": input_scale,
+        "input_zero_point": input_zero_point,
     }
     t = LinearTensors(**t)
     be.launches.clear()
@@ -206,15 +220,21 @@ def test_linear_run_launches_act_then_gemm_without_syncing(fake_backend):
     (act, act_grid, s1, act_args), (gemm, gemm_grid, s2, gemm_args) = launches
     assert s1 == s2 == "default-stream"
     assert act_grid == (4096,) and act.args[2:4] == ("false", "true")  # block per row, vec16
-    assert act_args[:3] == (t.activation.data_ptr, t.act_q_scratch.data_ptr,
-                            t.act_scale_scratch.data_ptr)
-    assert [int(v) for v in act_args[3:]] == [4096, 4096, -127, 127]
-    assert all(isinstance(v, np.int32) for v in act_args[3:])
-    assert gemm.args[0] == "__nv_bfloat16" and gemm.args[-1] == "true"
+    # x, q, scale, zero points (none: null), M, K, q_min, q_max, static scale and zero
+    # point (unused by the dynamic kernel: 0).
+    assert act_args[:4] == (t.activation.data_ptr, t.act_q_scratch.data_ptr,
+                            t.act_scale_scratch.data_ptr, 0)
+    assert [int(v) for v in act_args[4:8]] == [4096, 4096, -127, 127]
+    assert all(isinstance(v, np.int32) for v in act_args[4:8])
+    assert type(act_args[8]) is np.float32 and act_args[8] == 0
+    assert type(act_args[9]) is np.int32 and act_args[9] == 0
+    assert act.args[-1] == "0"  # SCHEME_DYNAMIC
+    assert gemm.args[0] == "__nv_bfloat16" and gemm.args[-2:] == ("true", "0")
     assert gemm_grid == (32 * 112,)
-    assert gemm_args[:6] == tuple(getattr(t, k).data_ptr for k in (
-        "act_q_scratch", "act_scale_scratch", "weight_q", "weight_scale", "bias", "output"))
-    assert [int(v) for v in gemm_args[6:]] == [4096, 14336, 4096, 1]
+    assert gemm_args[:8] == tuple(getattr(t, k).data_ptr for k in (
+        "act_q_scratch", "act_scale_scratch", "weight_q", "weight_scale", "bias")) + (
+        0, 0, t.output.data_ptr)
+    assert [int(v) for v in gemm_args[8:]] == [4096, 14336, 4096, 1]
     assert "gemm_mma_128x128" in exe.sku and exe.sku.startswith("cuda.sm_90a.")
 
 
@@ -233,7 +253,7 @@ def test_misaligned_tensors_take_the_exact_fallbacks(fake_backend):
     act = launches[0][0]
     assert act.args[3] == "false", "an activation off 16-byte alignment must not use vec16 loads"
     exe, t, launches = _linear(fake_backend, 40, 64, 33, ql.f32)  # K % 16 != 0
-    assert launches[0][0].args[3] == "false" and launches[1][0].args[-1] == "false"
+    assert launches[0][0].args[3] == "false" and launches[1][0].args[-2:] == ("false", "2")
     assert "_bytes" in exe.sku
 
 
@@ -254,7 +274,9 @@ def test_quantize_plan(fake_backend):
     assert spec.source == "act_quant.cu" and grid == (1,)
     assert spec.args[:4] == ("double", "256", "true", "false")
     assert exe.sku == "cuda.sm_90a.rowquant_warp_scalar"
-    assert [int(v) for v in args[3:]] == [3, 101, -127, 127]
+    assert args[3] == 0 and [int(v) for v in args[4:8]] == [3, 101, -127, 127]
+    assert type(args[8]) is np.float64 and type(args[9]) is np.int32
+
 
 
 def test_sm75_uses_dp4a(monkeypatch):
@@ -362,12 +384,13 @@ for arch in SUPPORTED_ARCHS:
     for dt in FLOAT_DTYPES:
         for m in (1, DECODE_MAX_M, DECODE_MAX_M + 1, 4096):
             for n, k in ((8, 3), (4096, 4096), (14336, 4096)):
-                sel = select_linear(m, n, k, dt, arch, 132)
-                used = {sel.act, sel.act_fallback, sel.gemm, sel.gemm_fallback}
-                assert {s.name_expression for s in used} <= names, (arch, m, n, k)
-                assert ("decode" in sel.gemm.label) == (m <= DECODE_MAX_M), sel.sku
-                fast, fallback, grid = select_quantize(m, k, dt)
-                assert {fast.name_expression, fallback.name_expression} <= names
+                for scheme in ("dynamic", "static", "static_asym", "dynamic_asym"):
+                    sel = select_linear(m, n, k, dt, arch, 132, scheme)
+                    used = {sel.act, sel.act_fallback, sel.gemm, sel.gemm_fallback}
+                    assert {s.name_expression for s in used} <= names, (arch, m, n, k)
+                    assert ("decode" in sel.gemm.label) == (m <= DECODE_MAX_M), sel.sku
+                    fast, fallback, grid = select_quantize(m, k, dt, scheme)
+                    assert {fast.name_expression, fallback.name_expression} <= names
 assert not [n for n in sys.modules if n == "cuda" or n.startswith("cuda.")]
 """
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -114,13 +114,23 @@ def test_the_right_kernel_families_per_arch(arch):
 @pytest.mark.parametrize("arch", qc.SUPPORTED_ARCHS)
 def test_plans_only_choose_compiled_kernels(arch):
     names = {s.name_expression for s in qc.kernel_variants(arch)}
+    assert len(names) == len(qc.kernel_variants(arch)), "a kernel listed twice"
     for dtype in ("f32", "f16", "bf16", "f64"):
         for m in (0, 1, 2, 15, 16, 17, 100, 512, 4096, 70000):
             for n in (1, 7, 384, 1536, 4096, 14336):
                 for k in (0, 1, 3, 16, 100, 384, 4096, 14336):
+                    for scheme in ("static", "static_asym", "dynamic_asym"):
+                        other = qc.select_linear(m, n, k, dtype, arch, 132, scheme)
+                        for spec in (other.act, other.act_fallback, other.gemm,
+                                     other.gemm_fallback):
+                            assert spec.name_expression in names, (scheme, spec)
+                        assert scheme in other.sku
                     sel = qc.select_linear(m, n, k, dtype, arch, 132)
                     for spec in (sel.act, sel.act_fallback, sel.gemm, sel.gemm_fallback):
                         assert spec.name_expression in names
+                    # The shape alone chooses the GEMM (family, tile, width, alignment).
+                    assert (other.gemm.args[:-1], other.gemm_grid) == (sel.gemm.args[:-1],
+                                                                       sel.gemm_grid)
                     if m <= 16:
                         assert "decode" in sel.sku
                     if k % 16:
@@ -207,13 +217,15 @@ def test_ptx_follows_the_contract(arch, dtype):
     sel = qc.select_linear(1, 4096, 4096, dt, arch, 132)
     big = qc.select_linear(4096, 4096, 4096, dt, arch, 132)
     suffix = "f32" if dtype == "f16" else "f64"
-    act = _ptx(sel.act.source, sel.act.name_expression, arch)
-    # The row's scale by IEEE division; each element by the reciprocal and one exact
-    # correction (two written-out fmas per product: no contraction anywhere else), rounded
-    # half to even straight to an integer.
-    assert all(s in act for s in (f"div.rn.{suffix}", f"rcp.rn.{suffix}",
-                                  f"cvt.rni.s32.{suffix}"))
-    assert act.count(f"fma.rn.{suffix}") == 2 * act.count(f"mul.rn.{suffix}") > 0
+    # The row's scale (and the asymmetric zero point) by IEEE division; each element by
+    # the reciprocal and one exact correction (two written-out fmas per product: no
+    # contraction anywhere else), rounded half to even straight to an integer.
+    for scheme in ("dynamic", "static", "dynamic_asym"):
+        spec = qc.select_quantize(1, 4096, dt, scheme)[0]
+        act = _ptx(spec.source, spec.name_expression, arch)
+        assert all(s in act for s in (f"div.rn.{suffix}", f"rcp.rn.{suffix}",
+                                      f"cvt.rni.s32.{suffix}")), scheme
+        assert act.count(f"fma.rn.{suffix}") == 2 * act.count(f"mul.rn.{suffix}") > 0, scheme
     for spec in (sel.gemm, big.gemm):
         ptx = _ptx(spec.source, spec.name_expression, arch)
         assert f"fma.rn.{suffix}" not in ptx and f"mul.rn.{suffix}" in ptx

@@ -5,8 +5,13 @@ No GPU here, so this re-enacts, lane by lane, what ``cuda/gemm_mma.cu``,
 lane loads into which register, the ``mma.sync.m16n8k32.row.col.s8`` fragment layout of
 the PTX ISA, the accumulator-to-output mapping, the split-K reduction and the tile
 rasterisation. A wrong offset, a swapped register or a missed tail shows up as a
-mismatch with ``A @ W.T``. (The numerics of the epilogue and the activation pass are
-the same formulas as the cpu backend and are checked on a GPU by the shared suite.)
+mismatch with ``A @ W.T``. The asymmetric schemes' zero-point term
+``acc - zp[m] * colsum[n]`` (32-bit wrapping arithmetic) is applied where each kernel
+applies it, with the row and column each thread loads its zero point and column sum
+for, and compared with the int64 ``A @ W.T - zp * colsum``. (The float numerics of the
+epilogue and the activation pass are the same formulas as the cpu backend and are
+checked on a GPU by the shared suite; tests/test_cuda_act_numerics.py emulates the
+activation pass's arithmetic.)
 """
 
 import numpy as np
@@ -109,8 +114,39 @@ def tile_coords(pid, tiles_m, tiles_n):
     return first_m + in_group % rows, in_group // rows
 
 
-def oracle(a, w):
-    return a.astype(np.int64) @ w.astype(np.int64).T
+def oracle(a, w, zp=None):
+    acc = a.astype(np.int64) @ w.astype(np.int64).T
+    if zp is not None:
+        acc = acc - zp.astype(np.int64)[:, None] * w.astype(np.int64).sum(axis=1)[None, :]
+        assert np.all(np.abs(acc) < 2**31)
+    return acc
+
+
+def zp_adjust(acc, zp_m, colsum_n):
+    """qlinear_common.cuh's zp_adjust: ``acc - zp_m * colsum_n`` in uint32 arithmetic,
+    read back as int32."""
+    def u32(v):
+        return (np.asarray(v, np.int64) & 0xFFFFFFFF).astype(np.uint64)
+
+    with np.errstate(over="ignore"):  # modular on purpose: mod 2**64, then 2**32
+        v = (u32(acc) - u32(zp_m) * u32(colsum_n)) & np.uint64(0xFFFFFFFF)
+    v = v.astype(np.int64)
+    return np.where(v >= 1 << 31, v - (1 << 32), v)
+
+
+def at(vec, idx, limit):
+    """``idx < limit ? vec[idx] : 0`` elementwise (the kernels' guarded loads)."""
+    idx = np.asarray(idx)
+    return np.where(idx < limit, vec[np.minimum(idx, limit - 1)], 0)
+
+
+def zero_points(rng, m):
+    """Random per-row zero points, as the activation pass writes them."""
+    return rng.integers(-128, 128, size=m).astype(np.int32)
+
+
+def colsum_of(w):
+    return w.astype(np.int64).sum(axis=1).astype(np.int32)
 
 
 def random_s8(rng, shape):
@@ -142,8 +178,9 @@ def test_tile_rasterisation_is_a_bijection(tiles_m, tiles_n):
     assert seen == {(i, j) for i in range(tiles_m) for j in range(tiles_n)}
 
 
-def emulate_gemm_mma(a, w, tile, aligned):
+def emulate_gemm_mma(a, w, tile, aligned, zp=None, colsum=None):
     bm, bn, warps_m, warps_n, stages = specs.MMA_TILES[tile]
+    cs_all = colsum_of(w) if colsum is None else colsum
     BK = 64
     M, K = a.shape
     N = w.shape[0]
@@ -182,16 +219,23 @@ def emulate_gemm_mma(a, w, tile, aligned):
                         mma_k64(acc[warp, mi, ni], lo, hi, bf[ni])
         for warp in range(warps_m * warps_n):
             wm0, wn0 = (warp // warps_n) * wm, (warp % warps_n) * wn
+            # The epilogue's cs[ni][j], loaded before the row loop, and each row's zm.
+            cs = [[at(cs_all, n0 + wn0 + ni * 8 + 2 * T + j, N) for j in range(2)]
+                  for ni in range(ni_n)]
             for mi in range(mi_n):
                 for h in range(2):
+                    m = m0 + wm0 + mi * 16 + G + 8 * h
+                    zm = None if zp is None else at(zp, m, M)
                     for ni in range(ni_n):
                         for j in range(2):
-                            m = m0 + wm0 + mi * 16 + G + 8 * h
                             n = n0 + wn0 + ni * 8 + 2 * T + j
                             ok = (m < M) & (n < N)
                             unwritten = y[m[ok], n[ok]] == np.iinfo(np.int64).min
                             assert unwritten.all(), "written twice"
-                            y[m[ok], n[ok]] = acc[warp, mi, ni, ok, 2 * h + j]
+                            v = acc[warp, mi, ni, :, 2 * h + j]
+                            if zp is not None:
+                                v = zp_adjust(v, zm, cs[ni][j])
+                            y[m[ok], n[ok]] = v[ok]
     return y
 
 
@@ -206,6 +250,9 @@ def test_gemm_mma_index_math(tile, m, n, k, aligned):
     w = random_s8(rng, (n, k))
     y = emulate_gemm_mma(a, w, tile, aligned)
     np.testing.assert_array_equal(y, oracle(a, w))
+    zp = zero_points(rng, m)
+    y = emulate_gemm_mma(a, w, tile, aligned, zp)
+    np.testing.assert_array_equal(y, oracle(a, w, zp))
 
 
 def red_col(reg, lane):
@@ -225,8 +272,9 @@ def epilogue_elements(tid, ngroups, warps):
         yield e >> 7, (e >> 3) & 15, e & 7
 
 
-def emulate_gemv(a, w, ngroups, aligned, warps=specs.GEMV_WARPS):
+def emulate_gemv(a, w, ngroups, aligned, warps=specs.GEMV_WARPS, zp=None):
     unroll = specs.gemv_unroll(ngroups)
+    cs_all = colsum_of(w)
     M, K = a.shape
     N = w.shape[0]
     y = np.full((M, N), np.iinfo(np.int64).min)
@@ -259,7 +307,10 @@ def emulate_gemv(a, w, ngroups, aligned, warps=specs.GEMV_WARPS):
                         continue
                     lane, reg = (rr & 7) * 4 + (cc >> 1), (rr >> 3) * 2 + (cc & 1)
                     assert y[m, n] == np.iinfo(np.int64).min, "written twice"
-                    y[m, n] = red[:, j, reg, red_col(reg, lane)].sum()
+                    v = red[:, j, reg, red_col(reg, lane)].sum()
+                    if zp is not None:
+                        v = int(zp_adjust(v, zp[m], cs_all[n]))
+                    y[m, n] = v
     return y
 
 
@@ -274,6 +325,9 @@ def test_gemv_index_math(ngroups, m, n, k, aligned):
     w = random_s8(rng, (n, k))
     y = emulate_gemv(a, w, ngroups, aligned)
     np.testing.assert_array_equal(y, oracle(a, w))
+    zp = zero_points(rng, m)
+    y = emulate_gemv(a, w, ngroups, aligned, zp=zp)
+    np.testing.assert_array_equal(y, oracle(a, w, zp))
 
 
 def bank_ways(words):
@@ -316,8 +370,9 @@ def test_gemv_reduction_has_no_bank_conflicts(ngroups, m, n_cols):
                 assert bank_ways(words) <= 1, ("read", warp, trip, w, sorted(words))
 
 
-def emulate_dp4a(a, w, tile, aligned):
+def emulate_dp4a(a, w, tile, aligned, zp=None):
     bm, bn, tm_, tn_ = specs.DP4A_TILES[tile]
+    cs_all = colsum_of(w)
     tx_n, ty_n = bn // tn_, bm // tm_
     M, K = a.shape
     N = w.shape[0]
@@ -347,13 +402,16 @@ def emulate_dp4a(a, w, tile, aligned):
                 ab = av.astype("<u4").view(np.int8).reshape(len(tid), tm_, 4).astype(np.int64)
                 bb = bv.astype("<u4").view(np.int8).reshape(len(tid), tn_, 4).astype(np.int64)
                 acc += np.einsum("tik,tjk->tij", ab, bb)  # __dp4a: 4 s8 products + c
+        cs = [at(cs_all, n0 + tx + j * tx_n, N) for j in range(tn_)]
         for i in range(tm_):
+            m = m0 + ty + i * ty_n
+            zm = None if zp is None else at(zp, m, M)
             for j in range(tn_):
-                m = m0 + ty + i * ty_n
                 n = n0 + tx + j * tx_n
                 ok = (m < M) & (n < N)
                 assert (y[m[ok], n[ok]] == np.iinfo(np.int64).min).all(), "written twice"
-                y[m[ok], n[ok]] = acc[ok, i, j]
+                v = acc[:, i, j] if zp is None else zp_adjust(acc[:, i, j], zm, cs[j])
+                y[m[ok], n[ok]] = v[ok]
     return y
 
 
@@ -368,6 +426,9 @@ def test_dp4a_index_math(tile, m, n, k, aligned):
     w = random_s8(rng, (n, k))
     y = emulate_dp4a(a, w, tile, aligned)
     np.testing.assert_array_equal(y, oracle(a, w))
+    zp = zero_points(rng, m)
+    y = emulate_dp4a(a, w, tile, aligned, zp)
+    np.testing.assert_array_equal(y, oracle(a, w, zp))
 
 
 def test_emulated_kernels_match_the_sources():
@@ -397,3 +458,16 @@ def test_emulated_kernels_match_the_sources():
     assert code.count("red[") == 3, "the declaration and both accesses of red are tied above"
     dp4a = qc.expand_source("gemm_dp4a.cu")
     assert "a[i] = As[kw][ty + i * TY]" in dp4a and "b[j] = Bs[kw][tx + j * TX]" in dp4a
+    # The zero-point term: where each kernel loads zp and colsum, and the arithmetic.
+    assert ("return static_cast<int>(static_cast<u32_t>(acc) -\n"
+            "                            static_cast<u32_t>(zp_m) * static_cast<u32_t>(colsum_n));"
+            in gemm)
+    assert "cs[ni][j] = zp_on && n < N ? __ldg(w_colsum + n) : 0;" in gemm
+    assert "const int n = n0 + wn0 + ni * 8 + 2 * t + j;" in gemm
+    assert "const int zm = zp_on ? __ldg(a_zp + m) : 0;" in gemm
+    assert "a0 = zp_adjust(a0, zm, cs[ni][0]);" in gemm
+    assert "a1 = zp_adjust(a1, zm, cs[ni][1]);" in gemm
+    assert "s = zp_adjust(s, __ldcg(a_zp + m), __ldg(w_colsum + n));" in gemv
+    assert "cs[j] = zp_on && n < N ? __ldg(w_colsum + n) : 0;" in dp4a
+    assert "const int zm = zp_on ? __ldg(a_zp + m) : 0;" in dp4a
+    assert "zp_on ? zp_adjust(acc[i][j], zm, cs[j]) : acc[i][j];" in dp4a

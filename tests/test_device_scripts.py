@@ -177,3 +177,25 @@ def test_a_named_commit_wins_over_git(monkeypatch, tmp_path):
     monkeypatch.setenv("QLINEAR_COMMIT", "abc1234")
     assert provenance.git_commit(tmp_path) == "abc1234"
     assert provenance.run_meta("cuda", "H200")["commit"] == "abc1234"
+
+
+def test_device_check_runs_the_scheme_suite():
+    suite = re.search(r'^export SUITE="([^"]+)"', _text(), re.M)
+    assert suite, "device_check.sh must export SUITE"
+    names = suite.group(1).split()
+    assert "tests/test_schemes.py" in names and "tests/test_scheme_args.py" in names
+
+
+def test_sanitize_cases_include_an_asymmetric_scheme():
+    """Both sanitizer runs (racecheck takes --quick) reach the zero-point kernels."""
+    import importlib.util
+
+    import qlinear as ql
+
+    spec = importlib.util.spec_from_file_location(
+        "sanitize_cases", ROOT / "benchmarks" / "sanitize_cases.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    quick = mod.SCHEME_CASES[:1]
+    assert quick and all(ql.ActivationScheme(c[3]).asymmetric for c in mod.SCHEME_CASES)
+    assert any(k % 16 == 0 for _, k, _, _ in quick)  # the kernel with the term compiled in

@@ -14,6 +14,7 @@ from ...dtypes import DType, DTypeLike
 from ...errors import BackendUnavailable, DeviceError, InvalidProblem, Unsupported
 from ...kernel_cache import KernelCache
 from ...problem import DynamicRangeQuantizeDescriptor, QuantizedLinearDescriptor
+from ...schemes import ActivationScheme
 from ...tensors import Tensor, contiguous_strides, host_view
 from ...validate import check_new_tensor, host_array
 from ..base import Backend
@@ -48,6 +49,7 @@ class CudaBackend(Backend):
     name = "cuda"
     is_gpu = True
     torch_device_type = "cuda"
+    activation_schemes = frozenset(ActivationScheme)
 
     def __init__(self, device: Any, *, cache: KernelCache | None = None) -> None:
         self._device = device

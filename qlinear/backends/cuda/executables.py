@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from ...dtypes import DType, f64
 from ..base import Executable, PrecisionGuarantee
 from .select import select_linear, select_quantize
 
@@ -33,6 +34,19 @@ def _aligned(*ptrs: int, to: int = 16) -> bool:
     return all(p % to == 0 for p in ptrs)
 
 
+def _ptr(t: Tensor | None) -> int:
+    return 0 if t is None else cast(int, t.data_ptr)
+
+
+def _scheme_args(dtype: DType, zp: Tensor | None, input_scale: float | None,
+                 input_zero_point: int | None) -> tuple[Any, ...]:
+    """The activation pass's scheme arguments: the zero-point output (or null), the static
+    scale in the kernel's compute type (already a TIn value, so exact in it), the static
+    zero point. Unused values are passed as 0: the kernel's SCHEME ignores them."""
+    ctype = np.float64 if dtype == f64 else np.float32
+    return (_ptr(zp), ctype(input_scale or 0.0), np.int32(input_zero_point or 0))
+
+
 def _load(be: CudaBackend, *specs: KernelSpec) -> None:
     # Every kernel a run may launch, the fallbacks for misaligned addresses included, is
     # compiled and loaded with the plan: a compile error in a run could come after its
@@ -46,12 +60,14 @@ class CudaQuantizeExecutable(Executable):
     the addresses allow it."""
 
     precision_guarantee = PrecisionGuarantee(
-        note="IEEE division (__fdiv_rn/__ddiv_rn), round half to even; bit-identical to cpu")
+        note="IEEE division (__fdiv_rn/__ddiv_rn), round half to even, in every activation "
+             "scheme; bit-identical to cpu")
 
     def __init__(self, be: CudaBackend, desc: DynamicRangeQuantizeDescriptor) -> None:
         self.be = be
         self.desc = desc
-        self.fast, self.fallback, self.grid = select_quantize(desc.m, desc.k, desc.dtype)
+        self.fast, self.fallback, self.grid = select_quantize(desc.m, desc.k, desc.dtype,
+                                                              desc.scheme)
         self.sku = f"cuda.{be.arch}.{self.fast.label}"
         _load(be, self.fast, self.fallback)
 
@@ -63,8 +79,11 @@ class CudaQuantizeExecutable(Executable):
         if spec != self.fallback and not (
                 _aligned(xp) and _aligned(qp, to=16 // d.dtype.itemsize)):
             spec = self.fallback
-        self.be.launch(spec, self.grid, stream, xp, qp, sp,
-                       np.int32(d.m), np.int32(d.k), np.int32(d.q_min), np.int32(d.q_max))
+        zp, scale, z = _scheme_args(d.dtype, tensors.act_zp, tensors.input_scale,
+                                    tensors.input_zero_point)
+        self.be.launch(spec, self.grid, stream, xp, qp, sp, zp,
+                       np.int32(d.m), np.int32(d.k), np.int32(d.q_min), np.int32(d.q_max),
+                       scale, z)
 
 
 class CudaLinearExecutable(Executable):
@@ -81,7 +100,7 @@ class CudaLinearExecutable(Executable):
         self.be = be
         self.desc = desc
         self.sel = sel = select_linear(desc.m, desc.c_out, desc.k, desc.dtype, be.arch,
-                                       be.sm_count)
+                                       be.sm_count, desc.scheme)
         self._sku_pdl = sel.sku.replace(f"+{sel.gemm.label}+", f"+{sel.gemm.label}+pdl+", 1)
         if sel.gemm.pdl:
             be.pdl_enabled()  # decided now, so that sku says it from the start
@@ -109,9 +128,13 @@ class CudaLinearExecutable(Executable):
             gemm = sel.gemm_fallback
         # The epilogue stores two outputs at once where columns come in aligned pairs.
         pair_ok = d.c_out % 2 == 0 and yp % (2 * item) == 0
+        zp, scale, z = _scheme_args(d.dtype, t.act_zp_scratch, t.input_scale,
+                                    t.input_zero_point)
         s = self.be.stream(stream)
-        self.be.launch(act, sel.act_grid, s, xp, aqp, ascp, np.int32(d.m), np.int32(d.k),
-                       np.int32(d.q_min), np.int32(d.q_max))
-        self.be.launch(gemm, sel.gemm_grid, s, aqp, ascp, wqp, wsp,
-                       0 if t.bias is None else t.bias.data_ptr, yp,
+        self.be.launch(act, sel.act_grid, s, xp, aqp, ascp, zp, np.int32(d.m), np.int32(d.k),
+                       np.int32(d.q_min), np.int32(d.q_max), scale, z)
+        # Zero points and column sums only with an asymmetric scheme (None, so null,
+        # otherwise): the byte-load GEMMs apply the term exactly when they are given.
+        self.be.launch(gemm, sel.gemm_grid, s, aqp, ascp, wqp, wsp, _ptr(t.bias), zp,
+                       _ptr(t.weight_colsum), yp,
                        np.int32(d.m), np.int32(d.c_out), np.int32(d.k), np.int32(pair_ok))

@@ -13,7 +13,7 @@ from ...tensors import contiguous_strides
 
 __all__ = ["ArrayView", "cai_view", "dlpack_view", "stream_handle", "Streams"]
 
-_TYPESTRS = {"f4": f32, "f2": f16, "f8": f64, "i1": as_dtype("s8")}
+_TYPESTRS = {"f4": f32, "f2": f16, "f8": f64, "i1": as_dtype("s8"), "i4": as_dtype("s32")}
 _DL_CUDA, _DL_CUDA_MANAGED = 2, 13
 
 
@@ -41,7 +41,7 @@ def cai_view(obj: Any, name: str) -> ArrayView | None:
     typestr = str(cai.get("typestr", ""))
     if typestr[:1] == ">" or typestr[1:] not in _TYPESTRS:
         raise InvalidProblem(
-            f"{name}: expected dtype f32, f16, bf16, f64 or s8 (little-endian), "
+            f"{name}: expected dtype f32, f16, bf16, f64, s8 or s32 (little-endian), "
             f"got typestr {typestr!r}")
     if cai.get("mask") is not None:
         raise InvalidProblem(f"{name}: expected a tensor without a mask, got a masked array")
@@ -82,7 +82,7 @@ def dlpack_view(obj: Any, name: str) -> tuple[ArrayView, str, Any]:
         dtype = as_dtype(view.dtype)
     except Exception:
         raise InvalidProblem(
-            f"{name}: expected dtype f32, f16, bf16, f64 or s8, got {view.dtype}") from None
+            f"{name}: expected dtype f32, f16, bf16, f64, s8 or s32, got {view.dtype}") from None
     shape = tuple(int(s) for s in view.shape)
     strides = (contiguous_strides(shape) if view.strides is None
                else tuple(int(s) for s in view.strides))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ...dtypes import DType, DTypeLike, as_dtype
 from ...problem import DECODE_MAX_M
+from ...schemes import ActivationScheme, as_scheme
 from .specs import (
     ACT_THREADS,
     ACT_WARP_MAX_K,
@@ -48,19 +49,21 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _act_plan(m: int, k: int, dtype: DType) -> tuple[KernelSpec, KernelSpec, tuple[int, ...]]:
+def _act_plan(m: int, k: int, dtype: DType,
+              scheme: ActivationScheme) -> tuple[KernelSpec, KernelSpec, tuple[int, ...]]:
     warp_rows = k <= ACT_WARP_MAX_K
     vec_ok = k > 0 and (k * dtype.itemsize) % 16 == 0
-    fast = act_spec(dtype, warp_rows, vec_ok)
-    fallback = act_spec(dtype, warp_rows, False)
+    fast = act_spec(dtype, warp_rows, vec_ok, scheme)
+    fallback = act_spec(dtype, warp_rows, False, scheme)
     rows_per_block = ACT_THREADS // 32 if warp_rows else 1
     return fast, fallback, (max(1, _cdiv(m, rows_per_block)),)
 
 
-def select_quantize(m: int, k: int,
-                    dtype: DTypeLike) -> tuple[KernelSpec, KernelSpec, tuple[int, ...]]:
-    """``(fast, fallback, grid)`` of the activation pass for ``x[m, k]``."""
-    return _act_plan(m, k, as_dtype(dtype))
+def select_quantize(m: int, k: int, dtype: DTypeLike,
+                    scheme: ActivationScheme | str = ActivationScheme.DYNAMIC,
+                    ) -> tuple[KernelSpec, KernelSpec, tuple[int, ...]]:
+    """``(fast, fallback, grid)`` of the activation pass for ``x[m, k]`` in ``scheme``."""
+    return _act_plan(m, k, as_dtype(dtype), as_scheme(scheme))
 
 
 def _gemv_groups(m: int, n: int, sm_count: int) -> int:
@@ -77,9 +80,12 @@ def _gemv_groups(m: int, n: int, sm_count: int) -> int:
     return widest_first[-1]
 
 
-def select_linear(m: int, n: int, k: int, dtype: DTypeLike, arch: str,
-                  sm_count: int) -> LinearSelection:
-    """Choose the kernels for ``y[m, n] = dequant(quant(x[m, k]) @ w[n, k].T)`` on ``arch``.
+def select_linear(m: int, n: int, k: int, dtype: DTypeLike, arch: str, sm_count: int,
+                  scheme: ActivationScheme | str = ActivationScheme.DYNAMIC,
+                  ) -> LinearSelection:
+    """Choose the kernels for ``y[m, n] = dequant(quant(x[m, k]) @ w[n, k].T)`` on ``arch``,
+    with the activation pass of ``scheme`` and, for an asymmetric one, the GEMM with the
+    zero-point term (the shape alone chooses the GEMM's family, tile and width).
 
     Decode shapes (``m <=`` :data:`~qlinear.problem.DECODE_MAX_M`) take the split-K kernel
     that streams the weight once (sm_80+) or the 16-row dp4a tile (sm_75); larger ones
@@ -99,27 +105,29 @@ def select_linear(m: int, n: int, k: int, dtype: DTypeLike, arch: str,
     At ``m <= 4`` step 1 allows every NG: the widest block that gives every SM two, else
     the narrowest."""
     dt = as_dtype(dtype)
-    act, act_fb, act_grid = _act_plan(m, k, dt)
+    sch = as_scheme(scheme)
+    act, act_fb, act_grid = _act_plan(m, k, dt, sch)
     aligned = k % 16 == 0
+    zp = sch.asymmetric
     sm_count = max(1, int(sm_count))
     grid: tuple[int, ...]
     if arch_number(arch) >= 80:
         if m <= DECODE_MAX_M:
             ng = _gemv_groups(m, n, sm_count)
-            gemm = gemv_spec(dt, ng, aligned)
-            gemm_fb = gemv_spec(dt, ng, False)
+            gemm = gemv_spec(dt, ng, aligned, zp)
+            gemm_fb = gemv_spec(dt, ng, False, zp)
             grid = (max(1, _cdiv(n, 8 * ng)), max(1, _cdiv(m, 16)))
         else:
             tile = "128x128" if _cdiv(m, 128) * _cdiv(n, 128) >= sm_count else "64x64"
             bm, bn = MMA_TILES[tile][:2]
-            gemm = gemm_mma_spec(dt, tile, aligned)
-            gemm_fb = gemm_mma_spec(dt, tile, False)
+            gemm = gemm_mma_spec(dt, tile, aligned, zp)
+            gemm_fb = gemm_mma_spec(dt, tile, False, zp)
             grid = (_cdiv(m, bm) * _cdiv(n, bn),)
     else:
         tile = "16x128" if m <= DECODE_MAX_M else "128x128"
         bm, bn = DP4A_TILES[tile][:2]
-        gemm = dp4a_spec(dt, tile, aligned)
-        gemm_fb = dp4a_spec(dt, tile, False)
+        gemm = dp4a_spec(dt, tile, aligned, zp)
+        gemm_fb = dp4a_spec(dt, tile, False, zp)
         grid = (max(1, _cdiv(m, bm) * _cdiv(n, bn)),)
     sku = f"cuda.{arch}.{act.label}+{gemm.label}+dequant_{dt.name}"
     return LinearSelection(act, act_fb, act_grid, gemm, gemm_fb, grid, sku)

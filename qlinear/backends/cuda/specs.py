@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from ...dtypes import FLOAT_DTYPES, DType, f64
 from ...errors import InvalidProblem
 from ...problem import DECODE_MAX_M
+from ...schemes import ActivationScheme, as_scheme
 
 __all__ = [
     "KernelSpec",
@@ -23,6 +24,10 @@ __all__ = [
     "DP4A_TILES",
     "GEMV_WARPS",
     "GEMV_NGROUPS",
+    "ACT_SCHEMES",
+    "ZP_NONE",
+    "ZP_ALWAYS",
+    "ZP_IF_GIVEN",
     "act_spec",
     "gemm_mma_spec",
     "gemv_spec",
@@ -54,6 +59,18 @@ DP4A_TILES = {
 GEMV_WARPS = 8
 #: Column groups of 8 per block the decode kernel is built for.
 GEMV_NGROUPS = (1, 2, 4)
+
+#: ``SCHEME`` of ``act_quant.cu`` per activation scheme (its SCHEME_* constants): both
+#: static schemes share a kernel (the zero point is a run argument, 0 when symmetric).
+ACT_SCHEMES = {
+    ActivationScheme.DYNAMIC: 0,
+    ActivationScheme.STATIC: 1,
+    ActivationScheme.STATIC_ASYM: 1,
+    ActivationScheme.DYNAMIC_ASYM: 2,
+}
+#: ``ZP`` of the GEMM kernels (qlinear_common.cuh): no zero-point term; always; where a
+#: zero-point pointer is given (the byte-load fallbacks, one kernel for every scheme).
+ZP_NONE, ZP_ALWAYS, ZP_IF_GIVEN = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -89,34 +106,53 @@ def _b(v: bool) -> str:
     return "true" if v else "false"
 
 
-def _act_cache(dtype: DType) -> int:
+def _act_cache(dtype: DType, scheme: ActivationScheme) -> int:
     # 16-byte vectors each thread keeps in registers between the two passes, all loaded
     # before the first is used (8 cover a warp's row of 2048 16-bit elements). f64 keeps
     # none: the row's f64 division and reciprocal call slow-path routines that clobber so
     # many registers that ptxas spills cached vectors around them (at 4 and at 8); its
-    # loads are issued four at a time from L1/L2 instead.
-    return 0 if dtype == f64 else 8
+    # loads are issued four at a time from L1/L2 instead. The asymmetric row's divisions
+    # and its range spill 8 cached 16-bit vectors the same way: those keep 4 (ptxas's
+    # choices, checked for every variant by tests/test_cuda_compile.py and
+    # tests/test_cuda_sass.py: f32 spills at 4 but not at 8).
+    if dtype == f64:
+        return 0
+    if scheme is ActivationScheme.DYNAMIC_ASYM and dtype.itemsize == 2:
+        return 4
+    return 8
 
 
-def act_spec(dtype: DType, warp_rows: bool, vec: bool) -> KernelSpec:
-    """The activation-pass kernel: one warp (``warp_rows``) or one block per row, 16-byte
-    vectors (``vec``) or elements."""
+def act_spec(dtype: DType, warp_rows: bool, vec: bool,
+             scheme: ActivationScheme | str = ActivationScheme.DYNAMIC) -> KernelSpec:
+    """The activation-pass kernel for ``scheme``: one warp (``warp_rows``) or one block per
+    row, 16-byte vectors (``vec``) or elements. The label names any scheme but the default."""
+    sch = as_scheme(scheme)
     rows = "warp" if warp_rows else f"block{ACT_THREADS}"
-    label = f"rowquant_{rows}_{'vec16' if vec else 'scalar'}"
+    named = "" if sch is ActivationScheme.DYNAMIC else f"{sch.value}_"
+    label = f"rowquant_{named}{rows}_{'vec16' if vec else 'scalar'}"
     return KernelSpec("act_quant.cu", "qlinear_act_quant",
                       (_CTYPES[dtype.name], str(ACT_THREADS), _b(warp_rows), _b(vec),
-                       str(_act_cache(dtype))),
+                       str(_act_cache(dtype, sch)), str(ACT_SCHEMES[sch])),
                       ACT_THREADS, label)
 
 
-def gemm_mma_spec(dtype: DType, tile: str, aligned: bool) -> KernelSpec:
-    """The tensor-core GEMM with a ``tile`` of :data:`MMA_TILES`."""
+def _zp(aligned: bool, zp: bool) -> tuple[str, str]:
+    """``(ZP template argument, label suffix)``: the aligned kernels come with and without
+    the zero-point term, the byte-load fallbacks apply it where the run passes zero points."""
+    if not aligned:
+        return str(ZP_IF_GIVEN), "_bytes"
+    return (str(ZP_ALWAYS), "_zp") if zp else (str(ZP_NONE), "")
+
+
+def gemm_mma_spec(dtype: DType, tile: str, aligned: bool, zp: bool = False) -> KernelSpec:
+    """The tensor-core GEMM with a ``tile`` of :data:`MMA_TILES`; ``zp``: with the
+    zero-point term of the asymmetric schemes."""
     bm, bn, wm, wn, stages = MMA_TILES[tile]
+    zp_arg, suffix = _zp(aligned, zp)
     return KernelSpec("gemm_mma.cu", "qlinear_gemm_mma",
                       (_CTYPES[dtype.name], str(bm), str(bn), str(wm), str(wn), str(stages),
-                       _b(aligned)),
-                      wm * wn * 32,
-                      f"gemm_mma_{tile}x64_s{stages}{'' if aligned else '_bytes'}")
+                       _b(aligned), zp_arg),
+                      wm * wn * 32, f"gemm_mma_{tile}x64_s{stages}{suffix}")
 
 
 def gemv_unroll(ngroups: int) -> int:
@@ -125,24 +161,27 @@ def gemv_unroll(ngroups: int) -> int:
     return 4 if ngroups <= 2 else 2
 
 
-def gemv_spec(dtype: DType, ngroups: int, aligned: bool) -> KernelSpec:
-    """The decode kernel with ``ngroups`` x 8 columns per block."""
+def gemv_spec(dtype: DType, ngroups: int, aligned: bool, zp: bool = False) -> KernelSpec:
+    """The decode kernel with ``ngroups`` x 8 columns per block; ``zp`` as for
+    :func:`gemm_mma_spec`."""
+    zp_arg, suffix = _zp(aligned, zp)
     return KernelSpec("gemv_mma.cu", "qlinear_gemv_mma",
                       (_CTYPES[dtype.name], str(GEMV_WARPS), str(ngroups),
-                       str(gemv_unroll(ngroups)), _b(aligned)),
+                       str(gemv_unroll(ngroups)), _b(aligned), zp_arg),
                       GEMV_WARPS * 32,
-                      f"decode_gemv_mma_n{8 * ngroups}_splitk{GEMV_WARPS}"
-                      f"{'' if aligned else '_bytes'}", pdl=True)
+                      f"decode_gemv_mma_n{8 * ngroups}_splitk{GEMV_WARPS}{suffix}", pdl=True)
 
 
-def dp4a_spec(dtype: DType, tile: str, aligned: bool) -> KernelSpec:
-    """The ``__dp4a`` GEMM with a ``tile`` of :data:`DP4A_TILES`."""
+def dp4a_spec(dtype: DType, tile: str, aligned: bool, zp: bool = False) -> KernelSpec:
+    """The ``__dp4a`` GEMM with a ``tile`` of :data:`DP4A_TILES`; ``zp`` as for
+    :func:`gemm_mma_spec`."""
     bm, bn, tm, tn = DP4A_TILES[tile]
     decode = "decode_" if bm <= DECODE_MAX_M else ""
+    zp_arg, suffix = _zp(aligned, zp)
     return KernelSpec("gemm_dp4a.cu", "qlinear_gemm_dp4a",
-                      (_CTYPES[dtype.name], str(bm), str(bn), str(tm), str(tn), _b(aligned)),
-                      (bm // tm) * (bn // tn),
-                      f"{decode}gemm_dp4a_{tile}{'' if aligned else '_bytes'}")
+                      (_CTYPES[dtype.name], str(bm), str(bn), str(tm), str(tn), _b(aligned),
+                       zp_arg),
+                      (bm // tm) * (bn // tn), f"{decode}gemm_dp4a_{tile}{suffix}")
 
 
 def arch_number(arch: str) -> int:
@@ -154,17 +193,21 @@ def arch_number(arch: str) -> int:
 
 
 def kernel_variants(arch: str) -> list[KernelSpec]:
-    """Every kernel a plan can choose on ``arch``: every dtype, path, tile and alignment."""
+    """Every kernel a plan can choose on ``arch``: every dtype, scheme, path, tile and
+    alignment (each kernel once: the static schemes share theirs, and the byte-load GEMMs
+    serve every scheme)."""
     tensor_cores = arch_number(arch) >= 80
+    schemes = [ActivationScheme.DYNAMIC, ActivationScheme.STATIC, ActivationScheme.DYNAMIC_ASYM]
     specs = []
     for dt in FLOAT_DTYPES:
-        for warp_rows in (True, False):
-            for vec in (True, False):
-                specs.append(act_spec(dt, warp_rows, vec))
-        for aligned in (True, False):
+        for scheme in schemes:
+            for warp_rows in (True, False):
+                for vec in (True, False):
+                    specs.append(act_spec(dt, warp_rows, vec, scheme))
+        for aligned, zp in ((True, False), (True, True), (False, False)):
             if tensor_cores:
-                specs += [gemm_mma_spec(dt, tile, aligned) for tile in MMA_TILES]
-                specs += [gemv_spec(dt, ng, aligned) for ng in GEMV_NGROUPS]
+                specs += [gemm_mma_spec(dt, tile, aligned, zp) for tile in MMA_TILES]
+                specs += [gemv_spec(dt, ng, aligned, zp) for ng in GEMV_NGROUPS]
             else:
-                specs += [dp4a_spec(dt, tile, aligned) for tile in DP4A_TILES]
+                specs += [dp4a_spec(dt, tile, aligned, zp) for tile in DP4A_TILES]
     return specs
