@@ -68,11 +68,16 @@ def int_matmul(q: np.ndarray, w_t: np.ndarray, chunk: int) -> np.ndarray:
     return acc
 
 
-def subtract_zero_points(acc: np.ndarray, zp: np.ndarray, colsum: np.ndarray) -> np.ndarray:
-    """``acc[m, n] - zp[m] * colsum[n]`` exactly, as float64 (every term is an integer far
-    below 2**53, while float32 would round sums beyond 2**24)."""
-    out = acc.astype(np.float64, copy=False)
-    out -= np.multiply.outer(zp.astype(np.float64), colsum.astype(np.float64))
+def subtract_zero_points(acc: np.ndarray, zp: np.ndarray, colsum: np.ndarray,
+                         bound: int) -> np.ndarray:
+    """``acc[m, n] - zp[m] * colsum[n]`` exactly, in place where that stays exact.
+
+    ``bound`` bounds every term and the result (``K * (q_max - q_min) * 128``): below
+    2**24 float32 holds them all as integers, so a float32 ``acc`` is updated in place;
+    otherwise the result is float64 (every term is an integer far below 2**53)."""
+    ft = np.float32 if acc.dtype == np.float32 and bound < _F32_EXACT else np.float64
+    out = acc.astype(ft, copy=False)
+    out -= np.multiply.outer(zp.astype(ft), colsum.astype(ft))
     return out
 
 
@@ -140,6 +145,7 @@ class _LinearExecutable(Executable):
     def __init__(self, desc: QuantizedLinearDescriptor):
         self.desc = desc
         self.chunk = _chunk(desc.q_min, desc.q_max)
+        self.zp_bound = desc.k * (desc.q_max - desc.q_min) * 128
         ct = compute_type(desc.dtype)
         zp = "+zp" if desc.scheme.asymmetric else ""
         self.sku = (f"cpu.rowquant{_scheme_tag(desc.scheme)}"
@@ -178,7 +184,7 @@ class _LinearExecutable(Executable):
                 if zp is not None:
                     assert act_zp is not None and colsum is not None  # validated
                     act_zp[rows] = zp
-                    acc = subtract_zero_points(acc, zp, colsum)
+                    acc = subtract_zero_points(acc, zp, colsum, self.zp_bound)
                 dequantize(acc, scale, ws, bias, out[rows])
 
 
