@@ -195,6 +195,16 @@ fn dequant_bits(acc: i32, s: u32, ws: u32, bias: u32, has_bias: bool, zero: u32,
     return y;
 }
 
+// (exponent, significand) of a finite |f32| bit pattern: the value is
+// significand * 2^(exponent - 150), subnormals with exponent 1 and no implicit bit.
+fn exp_sig(a: u32) -> vec2<u32> {
+    let e = a >> 23u;
+    if (e == 0u) {
+        return vec2<u32>(1u, a & 0x7fffffu);
+    }
+    return vec2<u32>(e, (a & 0x7fffffu) | 0x800000u);
+}
+
 // Correctly rounded a + b (round to nearest even) of f32 bit patterns, neither NaN and
 // not both infinite, subnormal operands and results included: WGSL's '+' is correctly
 // rounded too, but an adapter may flush subnormals, and the asymmetric activation pass
@@ -213,20 +223,12 @@ fn add_rne(a: u32, b: u32) -> u32 {
         // -0 + -0 is -0; every other sum with a zero is the other operand.
         return select(x, x & y, ax == 0u);
     }
-    var ex = ax >> 23u;
-    var mx = ax & 0x7fffffu;
-    if (ex == 0u) {
-        ex = 1u;
-    } else {
-        mx = mx | 0x800000u;
-    }
-    var ey = ay >> 23u;
-    var my = ay & 0x7fffffu;
-    if (ey == 0u) {
-        ey = 1u;
-    } else {
-        my = my | 0x800000u;
-    }
+    let px = exp_sig(ax);
+    let py = exp_sig(ay);
+    let ex = px.x;
+    let mx = px.y;
+    let ey = py.x;
+    let my = py.y;
     // Six guard bits; the bits of y shifted out below them are jammed into the lowest
     // (a sticky bit), which keeps the rounding of a sum or a difference exact.
     let big = mx << 6u;

@@ -46,13 +46,17 @@ def oracle_linear(x, wq, ws, bias, dtype, q_min=-127, q_max=127):
     q, scale = oracle_quantize(x, dtype, q_min, q_max)
     acc = q @ wq.astype(np.int64).T
     assert np.all(np.abs(acc) < 2**31), "oracle: accumulation left int32"
+    return oracle_dequantize(acc, scale, ws, bias, dtype), q, scale
+
+
+def oracle_dequantize(acc, scale, ws, bias, dtype):
+    """y = ((C(acc) * C(scale)) * C(ws)) (+ C(bias)), rounded once to dtype."""
     ct = compute_type(dtype)
     with np.errstate(invalid="ignore", over="ignore"):
         y = (acc.astype(ct) * scale.astype(ct)[:, None]) * ws.astype(ct)[None, :]
         if bias is not None:
             y = y + bias.astype(ct)[None, :]
-        y = y.astype(dtype.numpy)  # may overflow to +-inf in f16, as rounding once does
-    return y, q, scale
+        return y.astype(dtype.numpy)  # may overflow to +-inf in f16, as rounding once does
 
 
 def random_activation(rng, m, k, dtype, spread=True):
@@ -229,13 +233,15 @@ def oracle_linear_scheme(x, wq, ws, bias, dtype, scheme, input_scale=None,
     w64 = wq.astype(np.int64)
     acc = q @ w64.T - zp[:, None] * w64.sum(axis=1)[None, :]
     assert np.all(np.abs(acc) < 2**31), "oracle: accumulation left int32"
-    ct = compute_type(dtype)
-    with np.errstate(invalid="ignore", over="ignore"):
-        y = (acc.astype(ct) * scale.astype(ct)[:, None]) * ws.astype(ct)[None, :]
-        if bias is not None:
-            y = y + bias.astype(ct)[None, :]
-        y = y.astype(dtype.numpy)
-    return y, q, scale, zp
+    return oracle_dequantize(acc, scale, ws, bias, dtype), q, scale, zp
+
+
+def shifted_activation(rng, m, k, dtype, spread=3.0):
+    """Rows offset from 0 by up to ``spread`` times their magnitude, so that min and max
+    are asymmetric around 0 (some rows all positive, some all negative)."""
+    x = random_activation(rng, m, k, dtype).astype(np.float64)
+    x += rng.uniform(-spread, spread, size=(m, 1)) * np.abs(x).max(axis=1, keepdims=True)
+    return x.astype(dtype.numpy)
 
 
 def scheme_args(be, scheme, m, k, n, dtype, rng, wq=None, input_scale=None,

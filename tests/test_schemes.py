@@ -14,6 +14,7 @@ from qltest import (
     random_scale,
     random_weight,
     scheme_args,
+    shifted_activation,
 )
 
 S = ql.ActivationScheme
@@ -32,14 +33,6 @@ def static_constants(rng, x, scheme, q_min=-128, q_max=127):
     scale = max(amax, 1e-3) / rng.uniform(60, 160)
     zp = int(rng.integers(q_min // 2, q_max // 2 + 1)) if scheme.static_zero_point else None
     return (scale, zp) if scheme.static else (None, None)
-
-
-def shifted_activation(rng, m, k, dtype):
-    """Rows with an offset, so that min and max are asymmetric around 0 (some all positive,
-    some all negative)."""
-    x = random_activation(rng, m, k, dtype).astype(np.float64)
-    x += rng.uniform(-3, 3, size=(m, 1)) * np.abs(x).max(axis=1, keepdims=True)
-    return x.astype(dtype.numpy)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)

@@ -23,19 +23,13 @@ from qltest import (
     random_activation,
     random_scale,
     random_weight,
+    shifted_activation,
 )
 from wgpu_helpers import dispatch_count
 
 S = ql.ActivationScheme
 SCHEMES = [S.STATIC, S.STATIC_ASYM, S.DYNAMIC_ASYM]
 IDS = [s.value for s in SCHEMES]
-
-
-def shifted(rng, m, k, dtype):
-    """Rows offset from 0, so that min and max are asymmetric (zero points far from 0)."""
-    x = random_activation(rng, m, k, dtype).astype(np.float64)
-    x += rng.uniform(-2, 2, size=(m, 1)) * np.abs(x).max(axis=1, keepdims=True)
-    return x.astype(dtype.numpy)
 
 
 def constants(rng, x, scheme):
@@ -77,7 +71,7 @@ def test_every_gemm_family_with_each_scheme(wgpu_be, rng, scheme, fid, m, k, n, 
                                             settings, frag):
     if storage == "native" and "shader-f16" not in wgpu_be.features:
         pytest.skip("adapter has no shader-f16")
-    x = shifted(rng, m, k, dtype)
+    x = shifted_activation(rng, m, k, dtype, 2.0)
     wq, ws = random_weight(rng, n, k), random_scale(rng, n, dtype)
     wq[1, : k // 2] = -128
     bias = rng.standard_normal(n).astype(dtype.numpy) if m % 2 else None
@@ -95,7 +89,7 @@ def test_split_dispatches_bind_zero_points_mid_buffer(wgpu_be, rng, scheme, m):
     """Lowered binding and workgroup limits: the activation pass and the GEMM run block by
     block, each binding act_zp and weight_colsum from an offset inside the buffer."""
     k, n, dtype = 45, 77, ql.f16
-    x = shifted(rng, m, k, dtype)
+    x = shifted_activation(rng, m, k, dtype, 2.0)
     wq, ws = random_weight(rng, n, k), random_scale(rng, n, dtype)
     s, z = constants(rng, x, scheme)
     with wgpu_be.configured(max_storage_binding=1024, max_workgroups_per_dim=3,
@@ -115,7 +109,7 @@ def test_dynamic_asym_edge_rows(wgpu_be, rng, dtype, exact_only):
     zero point clamped), -0 beside +0, constant rows, NaN / Inf rows, and f32 ranges whose
     rounding turns on bits far below the larger bound (the sticky bit of mx - mn)."""
     m, k, n = 16, 21, 6
-    x = shifted(rng, m, k, dtype).astype(np.float64)
+    x = shifted_activation(rng, m, k, dtype, 2.0).astype(np.float64)
     tiny = {"f32": 2.0**-140, "bf16": 2.0**-130, "f16": 2.0**-22}[dtype.name]
     x[0] = rng.standard_normal(k) * tiny                    # subnormal (f16: tiny) values
     x[1] = 2.0**-126 + rng.integers(0, 9, k) * 2.0**-140    # normal values, subnormal range
@@ -177,7 +171,7 @@ def test_static_scalars_change_between_runs(wgpu_be, rng):
     m, k, n, dtype = 6, 24, 10, ql.f32
     desc = ql.QuantizedLinearDescriptor(m, n, k, dtype, scheme="static_asym")
     plan = ql.QuantizedLinearPlan.select(wgpu_be, desc)
-    x = shifted(rng, m, k, dtype)
+    x = shifted_activation(rng, m, k, dtype, 2.0)
     wq, ws = random_weight(rng, n, k), random_scale(rng, n, dtype)
     base = float(np.abs(x).max()) / 100
     values = [(base, 5), (base * 3, 5), (base, -40), (base, 5)]
