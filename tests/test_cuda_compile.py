@@ -150,7 +150,7 @@ def test_compile_error_is_a_device_error_with_the_log(monkeypatch):
 
 
 def test_sources_avoid_host_headers():
-    for name in ("qlinear_common.cuh", "act_quant.cu", "gemm_mma.cu", "gemv_mma.cu",
+    for name in ("qlinear_common.cuh", "act_rows.cuh", "act_quant.cu", "gemm_mma.cu", "gemv_mma.cu",
                  "gemm_dp4a.cu"):
         text = qc.expand_source(name)
         includes = [line.split(None, 1)[1] for line in text.splitlines()

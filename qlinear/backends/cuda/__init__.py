@@ -4,7 +4,8 @@ The kernels live in the top-level ``cuda/`` folder (shipped inside the wheel):
 
 - ``act_quant.cu``: the activation pass, fused (row amax, scale, quantization), vectorized,
   in every activation scheme (the static ones with the caller's scale and zero point, the
-  dynamic asymmetric one with the row's min and max and a per-row zero point);
+  dynamic asymmetric one with the row's min and max and a per-row zero point), built from
+  ``act_rows.cuh`` (a row's vector loads, amax bits, min/max and packed stores);
 - ``gemm_mma.cu``: the int8 GEMM on integer tensor cores (``mma.sync`` m16n8k32 s8,
   int32 accumulators) with a multi-stage ``cp.async`` pipeline, sm_80+;
 - ``gemv_mma.cu``: the small-M (decode) kernel, split-K inside a block, sm_80+; on
@@ -15,9 +16,9 @@ The kernels live in the top-level ``cuda/`` folder (shipped inside the wheel):
 
 each with the dequantization (+ bias) epilogue fused, and, for the asymmetric schemes,
 the zero-point term ``acc - zp[m] * weight_colsum[n]`` before it (a compile-time variant
-of the aligned kernels; the byte-load fallbacks apply it when given zero points). They
-are compiled to a cubin for
-the device's own architecture (never PTX: a cubin needs no driver JIT, so a newer NVRTC
+of the aligned kernels; the byte-load fallbacks apply it when given zero points);
+``qlinear_common.cuh`` holds what they share. They are compiled to a cubin for the
+device's own architecture (never PTX: a cubin needs no driver JIT, so a newer NVRTC
 than the driver is fine), and cached in memory and on disk by
 :mod:`qlinear.kernel_cache`.
 
