@@ -31,6 +31,7 @@ from .dtypes import FLOAT_DTYPES, DType, as_dtype
 from .errors import InvalidProblem, QlinearError
 from .plans import typical_plans
 from .problem import INT32_MAX, check_int, max_exact_k
+from .schemes import ActivationScheme
 
 __all__ = ["main", "info", "bench", "BenchCase", "default_cases", "UsageError"]
 
@@ -75,6 +76,8 @@ def info() -> dict[str, Any]:
         if st.available and st.backend is not None:
             be = st.backend
             entry["is_gpu"] = be.is_gpu
+            entry["activation_schemes"] = [s.value for s in ActivationScheme
+                                           if s in be.activation_schemes]
             try:
                 entry["info"] = be.info()
             except QlinearError as e:
@@ -95,6 +98,7 @@ def _print_info(data: dict[str, Any]) -> None:
         if b["available"]:
             kind = "GPU" if b["is_gpu"] else "no GPU"
             print(f"\n[{b['name']}] available ({kind}){mark}")
+            print(f"  activation schemes: {', '.join(b['activation_schemes'])}")
             for key, value in b["info"].items():
                 if isinstance(value, dict):
                     print(f"  {key}:")

@@ -27,6 +27,7 @@ def test_info_lists_every_backend(capsys, tmp_path):
     data = json.loads((tmp_path / "i.json").read_text())
     cpu = next(b for b in data["backends"] if b["name"] == "cpu")
     assert cpu["available"] and any("cpu." in v for v in cpu["plans"].values())
+    assert cpu["activation_schemes"] == ["dynamic", "static", "static_asym", "dynamic_asym"]
 
 
 def test_bench_small_shape_checks_then_times(capsys, tmp_path):
