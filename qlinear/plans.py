@@ -136,7 +136,9 @@ class QuantizedLinearPlan(_Plan):
 
 class DynamicRangeQuantizePlan(_Plan):
     """A plan for the activation pass alone (:class:`DynamicRangeQuantizeDescriptor`):
-    per-row amax, scale, round half to even, clamp to ``q_min..q_max``."""
+    per-row amax, scale, round half to even, clamp to ``q_min..q_max`` by default; with
+    another scheme, the caller's static scale (and zero point) or each row's min and max
+    and a per-row zero point (see :mod:`qlinear.schemes`)."""
 
     _descriptor_type = DynamicRangeQuantizeDescriptor
     _bundle = QuantizeTensors
