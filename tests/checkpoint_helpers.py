@@ -107,15 +107,21 @@ def _calibrate(model, batches):
 
 
 def write_checkpoint(path, kind, *, dtype=torch.float32, weight_strategy="channel",
-                     ignore=("encoder.layer.1.output.dense",), shard=None, seed=0):
+                     ignore=("encoder.layer.1.output.dense",), shard=None, seed=0,
+                     groups=None):
     """Quantize ``float_model(seed)`` with compressed-tensors for scheme ``kind`` and save it
     at ``path``; return ``(float model, compressed-tensors' fake-quantized model)``. The
     fake-quantized one is the saved model itself: compressed-tensors decompresses it on
-    its first forward and then runs its quantize-dequantize forward."""
+    its first forward and then runs its quantize-dequantize forward. ``groups``
+    (``{name: (kind, targets)}``) replaces the one group of ``kind`` targeting Linear."""
     fmodel = float_model(seed, dtype)
     model = float_model(seed, dtype)
-    qc = QuantizationConfig(config_groups={"group_0": scheme(kind, weight_strategy)},
-                            ignore=list(ignore))
+    if groups is None:
+        groups = {"group_0": (kind, ("Linear",))}
+    qc = QuantizationConfig(
+        config_groups={g: scheme(k, weight_strategy, targets) for g, (k, targets)
+                       in groups.items()},
+        ignore=list(ignore))
     apply_quantization_config(model, qc, show_progress=False)
     _calibrate(model, [tokens(100 + i) for i in range(4)])
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format="int-quantized")

@@ -319,3 +319,32 @@ def test_checkpoint_with_a_head_loads_into_the_base_model(tmp_path):
     mlm = BertForMaskedLM(ch.config())
     with pytest.raises(ql.InvalidProblem, match="expected in the checkpoint"):
         qlt.load_compressed(mlm, base)  # the head's tensors are missing
+
+
+def test_config_groups_with_different_schemes(tmp_path):
+    """Two config groups, each with its own scheme and targets (attention static with a
+    zero point, the MLP dynamic per token), as llm-compressor writes mixed recipes: each
+    layer runs its own group's scheme, exactly as its tensors mean."""
+    groups = {"attention": ("static_asym", ("re:.*attention.*",)),
+              "mlp": ("dynamic", ("re:.*intermediate.dense$", r"re:.*layer\.\d+\.output.dense$"))}
+    _, fake = ch.write_checkpoint(tmp_path, "dynamic", groups=groups, ignore=())
+    tensors = ch.read_all(tmp_path)
+    model = ch.float_model(seed=3)
+    assert qlt.load_compressed(model, tmp_path, backend="cpu") == 12
+    seen, hooks = _capture(model, qlt.QLinear)
+    ids = ch.tokens(11)
+    with torch.no_grad():
+        yq = model(ids).last_hidden_state
+        yc = fake(ids).last_hidden_state
+    for h in hooks:
+        h.remove()
+    kinds = {}
+    for name, (x, y) in seen.items():
+        kind = "static_asym" if ".attention." in name else "dynamic"
+        kinds[kind] = kinds.get(kind, 0) + 1
+        assert model.get_submodule(name).scheme == kind, name
+        x2 = x.reshape(-1, x.shape[-1]).numpy()
+        want, _ = _oracle(tensors, name, x2, kind, ql.f32)
+        assert_bitwise_equal(y.reshape(want.shape).numpy(), want, name)
+    assert kinds == {"static_asym": 8, "dynamic": 4}
+    assert _cosine(yq, yc) > 0.99
