@@ -15,9 +15,9 @@ from .dtypes import DType, DTypeLike, as_dtype, bf16, f64
 from .errors import InvalidProblem
 from .plans import QuantizedLinearPlan
 from .problem import QuantizedLinearArgs, QuantizedLinearDescriptor, check_int
-from .schemes import ActivationScheme, as_scheme, check_input_scale, weight_colsum
+from .schemes import ActivationScheme, as_scheme, weight_colsum
 from .tensors import Tensor
-from .validate import check_plain_array
+from .validate import check_plain_array, scheme_constants
 
 __all__ = ["quantize_weight", "QuantizedLinear"]
 
@@ -150,36 +150,6 @@ def _check_bias(bias: Any, c_out: int, dt: DType) -> np.ndarray | None:
     return rounded
 
 
-def scheme_constants(scheme: ActivationScheme, dt: DType, q_min: int, q_max: int,
-                     input_scale: Any, input_zero_point: Any) -> tuple[float | None, int | None]:
-    """The static scheme's ``(input_scale rounded to dt, input_zero_point)``, each None
-    where the scheme takes none (and then required to be None: a constant that would be
-    ignored is a mistake, not a default)."""
-    if not scheme.static:
-        if input_scale is not None:
-            raise InvalidProblem(
-                f"input_scale: expected None with scheme {scheme.value!r} (its scales come "
-                f"from each row), got {input_scale!r}")
-    elif input_scale is None:
-        raise InvalidProblem(
-            f"input_scale: expected a finite real number > 0 with scheme {scheme.value!r}, "
-            f"got None")
-    if not scheme.static_zero_point:
-        if input_zero_point is not None:
-            raise InvalidProblem(
-                f"input_zero_point: expected None with scheme {scheme.value!r} (only "
-                f"'static_asym' takes one), got {input_zero_point!r}")
-        zp = None
-    else:
-        if input_zero_point is None:
-            raise InvalidProblem(
-                f"input_zero_point: expected an integer in {q_min}..{q_max} with scheme "
-                f"'static_asym', got None")
-        zp = check_int("input_zero_point", input_zero_point, q_min, q_max)
-    scale = None if input_scale is None else check_input_scale(input_scale, dt)
-    return scale, zp
-
-
 class QuantizedLinear:
     """A W8A8 linear layer: owns its int8 weight, per-channel scale, bias and reusable
     activation scratch on one backend.
@@ -230,8 +200,7 @@ class QuantizedLinear:
         sch = as_scheme(scheme)
         q_lo = sch.default_q_min if q_min is None else q_min
         desc = QuantizedLinearDescriptor(0, c_out, k, dt, q_lo, q_max, sch)
-        consts = scheme_constants(desc.scheme, dt, desc.q_min, desc.q_max, input_scale,
-                                  input_zero_point)
+        consts = scheme_constants(desc, input_scale, input_zero_point)
         empty_plan = QuantizedLinearPlan.select(be, desc)
         self.backend = be
         self.dtype: DType = dt

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = ["check_tensor", "check_no_alias", "check_args", "expectations", "linear_args",
            "quantize_args", "check_plain_array", "host_array", "check_shape",
-           "check_new_tensor", "check_rows"]
+           "check_new_tensor", "check_rows", "scheme_constants"]
 
 # ndarray subclasses whose elements behave exactly as a plain array's: a memory-mapped
 # file is used in place. Any other subclass may carry meaning (a mask, matrix indexing)
@@ -133,11 +133,35 @@ def expectations(args_type: type, desc: Descriptor) -> Expectations:
     return tuple(out)
 
 
-def _check_scalar(desc: Descriptor, name: str, kind: str, obj: Any) -> float | int:
+def _check_scalar(desc: Descriptor, name: str, kind: str, presence: str,
+                  obj: Any) -> float | int | None:
+    """A host scalar of the scheme (``kind`` ``"scale"`` or ``"zero_point"``) checked and
+    normalised, or None where the scheme takes none."""
+    if presence == "absent":
+        if obj is None:
+            return None
+        raise InvalidProblem(
+            f"{name}: expected None with scheme {desc.scheme.value!r}, got {type(obj).__name__}")
+    if obj is None:
+        raise InvalidProblem(
+            f"{name}: expected {'a real number' if kind == 'scale' else 'an integer'} "
+            f"with scheme {desc.scheme.value!r}, got None")
     if kind == "scale":
         return check_input_scale(obj, desc.dtype, name)
     return check_int(name, obj, desc.q_min, desc.q_max, f" (q_min..q_max of scheme "
                                                        f"{desc.scheme.value!r})")
+
+
+def scheme_constants(desc: Descriptor, input_scale: Any,
+                     input_zero_point: Any) -> tuple[float | None, int | None]:
+    """The scheme's host constants as :func:`check_args` checks them: ``(input_scale
+    rounded to TIn, input_zero_point)``, each None where ``desc.scheme`` takes none (and
+    then required to be None). For what keeps them beside a plan (a layer)."""
+    given = {"input_scale": input_scale, "input_zero_point": input_zero_point}
+    scale, zp = (_check_scalar(desc, name, kind, presence, given[name])
+                 for name, _, kind, _, presence in expectations(QuantizedLinearArgs, desc)
+                 if isinstance(kind, str))
+    return (None if scale is None else float(scale)), (None if zp is None else int(zp))
 
 
 def check_args(backend: Backend, desc: Descriptor, args: Any, bundle: type[Bundle],
@@ -156,6 +180,9 @@ def check_args(backend: Backend, desc: Descriptor, args: Any, bundle: type[Bundl
         expected = expectations(args_type, desc)
     for name, shape, kind, is_written, presence in expected:
         obj = getattr(args, name)
+        if isinstance(kind, str):
+            values.append(_check_scalar(desc, name, kind, presence, obj))
+            continue
         if obj is None and presence != "required":
             values.append(None)
             continue
@@ -163,13 +190,6 @@ def check_args(backend: Backend, desc: Descriptor, args: Any, bundle: type[Bundl
             raise InvalidProblem(
                 f"{name}: expected None with scheme {desc.scheme.value!r}, "
                 f"got {type(obj).__name__}")
-        if isinstance(kind, str):
-            if obj is None:
-                raise InvalidProblem(
-                    f"{name}: expected {'a real number' if kind == 'scale' else 'an integer'} "
-                    f"with scheme {desc.scheme.value!r}, got None")
-            values.append(_check_scalar(desc, name, kind, obj))
-            continue
         t = check_tensor(backend, name, obj, shape, kind)
         values.append(t)
         (written if is_written else read)[name] = t

@@ -13,10 +13,11 @@ from ..backends import Backend
 from ..backends import backend as _get_backend
 from ..dtypes import DTypeLike
 from ..errors import InvalidProblem, Unsupported
-from ..layer import QuantizedLinear, quantize_weight, scheme_constants
+from ..layer import QuantizedLinear, quantize_weight
 from ..plans import QuantizedLinearPlan
 from ..problem import QuantizedLinearDescriptor, check_int
 from ..schemes import ActivationScheme, as_scheme
+from ..validate import scheme_constants
 from . import ops
 from .convert import _TO_QL, _TO_TORCH, qlinear_dtype, torch_dtype
 from .convert import from_numpy as _from_numpy
@@ -127,8 +128,7 @@ class QLinear(nn.Module):
                                          sch)
         self.scheme: ActivationScheme = desc.scheme
         self.q_min, self.q_max = desc.q_min, desc.q_max
-        scale, zp = scheme_constants(desc.scheme, desc.dtype, desc.q_min, desc.q_max,
-                                     input_scale, input_zero_point)
+        scale, zp = scheme_constants(desc, input_scale, input_zero_point)
         self.backend = backend.name if isinstance(backend, Backend) else backend
         if self.backend is not None:
             # Fail now, with the reason, not at the first call: the backend, and whether
