@@ -103,7 +103,9 @@ def test_every_kernel_compiles_without_spills(compiled, arch):
 @pytest.mark.parametrize("arch", qc.SUPPORTED_ARCHS)
 def test_the_right_kernel_families_per_arch(arch):
     sources = {s.source for s in qc.kernel_variants(arch)}
-    if qc.arch_number(arch) >= 80:
+    if arch == "sm_90a":  # the Hopper GEMM needs the architecture-specific target
+        assert sources == {"act_quant.cu", "gemm_mma.cu", "gemv_mma.cu", "gemm_wgmma.cu"}
+    elif qc.arch_number(arch) >= 80:
         assert sources == {"act_quant.cu", "gemm_mma.cu", "gemv_mma.cu"}
     else:  # sm_75: neither cp.async nor m16n8k32 integer MMA
         assert sources == {"act_quant.cu", "gemm_dp4a.cu"}
@@ -128,6 +130,9 @@ def test_plans_only_choose_compiled_kernels(arch):
                     sel = qc.select_linear(m, n, k, dtype, arch, 132)
                     for spec in (sel.act, sel.act_fallback, sel.gemm, sel.gemm_fallback):
                         assert spec.name_expression in names
+                    hopper = qc.select_linear(m, n, k, dtype, arch, 132, wgmma=True)
+                    assert hopper.gemm.name_expression in names
+                    assert hopper.gemm_fallback == sel.gemm_fallback
                     # The shape alone chooses the GEMM (family, tile, width, alignment).
                     assert (other.gemm.args[:-1], other.gemm_grid) == (sel.gemm.args[:-1],
                                                                        sel.gemm_grid)
@@ -151,7 +156,7 @@ def test_compile_error_is_a_device_error_with_the_log(monkeypatch):
 
 def test_sources_avoid_host_headers():
     for name in ("qlinear_common.cuh", "act_rows.cuh", "act_quant.cu", "gemm_mma.cu", "gemv_mma.cu",
-                 "gemm_dp4a.cu"):
+                 "gemm_dp4a.cu", "hopper.cuh", "gemm_wgmma.cu"):
         text = qc.expand_source(name)
         includes = [line.split(None, 1)[1] for line in text.splitlines()
                     if line.lstrip().startswith("#include")]

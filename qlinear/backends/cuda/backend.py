@@ -31,6 +31,7 @@ from .interop import Streams, cai_view, dlpack_view
 from .launcher import Launcher
 from .memory import DeviceMemory
 from .specs import KernelSpec, arch_number
+from .wgmma import WgmmaLaunches, wgmma_setting
 
 __all__ = ["CudaBackend", "create"]
 
@@ -67,6 +68,8 @@ class CudaBackend(Backend):
         self._lock = threading.RLock()
         self._context: Any = None  # the CUcontext device memory is freed in
         self._launcher = Launcher(self.arch, self._arch_number)
+        self.wgmma: bool = wgmma_setting()  # plans selected from now on may take gemm_wgmma
+        self.hopper = WgmmaLaunches()
 
     # -- device ----------------------------------------------------------------------
     @property
@@ -87,17 +90,15 @@ class CudaBackend(Backend):
     def stream(self, stream: Any = None) -> Any:
         """The cuda.core ``Stream`` for ``stream``: None (the device's default stream), a
         ``Stream``, a raw ``CUstream`` handle (int), or any object with ``__cuda_stream__``
-        or a ``cuda_stream`` handle attribute (torch, CuPy). Never creates a stream.
-
-        Makes the device current on the calling thread first (one cheap call when it
-        already is): launches on a foreign stream go to the context current at the time."""
+        or a ``cuda_stream`` handle attribute (torch, CuPy). Never creates a stream. Makes
+        the device current on the calling thread first (launches on a foreign stream go to
+        the context current at the time)."""
         self._device.set_current()
         return self._streams.get(stream)
 
     def check_stream(self, stream: Any) -> None:
         """Raise :class:`InvalidProblem` (``"stream: expected None, a cuda.core Stream, ...,
-        got <type name>"``) unless :meth:`stream` can use ``stream``; plans call it on every
-        run, empty problems included."""
+        got <type name>"``) unless :meth:`stream` can use ``stream`` (every run calls it)."""
         if stream is not None:
             self._streams.get(stream)
 
@@ -282,6 +283,7 @@ class CudaBackend(Backend):
             "sms": self.sm_count,
             "shared_memory_per_block": int(self._device.properties.max_shared_memory_per_block),
             "pdl": self.pdl_status(),
+            "wgmma": self.hopper.status(self.arch, self.wgmma),
             "cache": str(cache_dir() or "off (memory only)"),
         }
 

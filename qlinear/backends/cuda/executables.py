@@ -50,9 +50,12 @@ def _scheme_args(dtype: DType, zp: Tensor | None, input_scale: float | None,
 def _load(be: CudaBackend, *specs: KernelSpec) -> None:
     # Every kernel a run may launch, the fallbacks for misaligned addresses included, is
     # compiled and loaded with the plan: a compile error in a run could come after its
-    # first kernel already wrote the caller's scratch.
+    # first kernel already wrote the caller's scratch. So is the shared-memory limit of
+    # the kernels launched with tensor maps.
     for spec in dict.fromkeys(specs):
-        be.kernel(spec)
+        kernel = be.kernel(spec)
+        if spec.tma_rows:
+            be.hopper.function(spec, kernel)
 
 
 class CudaQuantizeExecutable(Executable):
@@ -100,7 +103,7 @@ class CudaLinearExecutable(Executable):
         self.be = be
         self.desc = desc
         self.sel = sel = select_linear(desc.m, desc.c_out, desc.k, desc.dtype, be.arch,
-                                       be.sm_count, desc.scheme)
+                                       be.sm_count, desc.scheme, wgmma=be.wgmma)
         self._sku_pdl = sel.sku.replace(f"+{sel.gemm.label}+", f"+{sel.gemm.label}+pdl+", 1)
         if sel.gemm.pdl:
             be.pdl_enabled()  # decided now, so that sku says it from the start
@@ -135,6 +138,21 @@ class CudaLinearExecutable(Executable):
                        np.int32(d.q_min), np.int32(d.q_max), scale, z)
         # Zero points and column sums only with an asymmetric scheme (None, so null,
         # otherwise): the byte-load GEMMs apply the term exactly when they are given.
+        if gemm.tma_rows:
+            self._launch_wgmma(gemm, s, aqp, wqp, (ascp, wsp, _ptr(t.bias), zp,
+                                                   _ptr(t.weight_colsum), yp), pair_ok)
+            return
         self.be.launch(gemm, sel.gemm_grid, s, aqp, ascp, wqp, wsp, _ptr(t.bias), zp,
                        _ptr(t.weight_colsum), yp,
                        np.int32(d.m), np.int32(d.c_out), np.int32(d.k), np.int32(pair_ok))
+
+    def _launch_wgmma(self, gemm: KernelSpec, stream: Any, aqp: int, wqp: int,
+                      pointers: tuple[int, ...], pair_ok: bool) -> None:
+        """The Hopper GEMM: the quantized activation and the weight as tensor maps (made
+        once per address, see :mod:`.tma`), then the kernel's other parameters."""
+        d, be = self.desc, self.be
+        box_a, box_w = gemm.tma_rows
+        maps = (be.hopper.maps.get(aqp, d.m, d.k, box_a),
+                be.hopper.maps.get(wqp, d.c_out, d.k, box_w))
+        be.hopper.launch(gemm, be.kernel(gemm), self.sel.gemm_grid, stream, maps, pointers,
+                         (d.m, d.c_out, d.k, int(pair_ok)))

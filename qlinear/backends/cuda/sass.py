@@ -28,7 +28,10 @@ from ...errors import BackendUnavailable
 __all__ = ["Instruction", "find_nvdisasm", "disassemble", "first_use_index"]
 
 _FUNCTION = re.compile(r"^\.text\.(\S+):\s*$")
-_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z0-9_.]+)\s*([^;]*);")
+# Opcodes are upper case but for a shape (``IGMMA.64x256x32.S8.S8``).
+_LINE = re.compile(
+    r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)\s*([^;]*);")
+_GMMA_SHAPE = re.compile(r"\.(\d+)x(\d+)x(\d+)")
 _REG = re.compile(r"(?<![A-Za-z0-9_])R(\d+)(?:\.(64|128))?")
 
 #: Opcodes whose first operand is an address or value they read, not a register they write.
@@ -75,7 +78,7 @@ class Instruction:
     def written(self) -> set[int]:
         """Registers this instruction writes (its first operand, widened by the access
         size: ``LDG.E.128 R12`` writes R12..R15, ``LDG.E.64`` and ``IMAD.WIDE`` two,
-        ``IMMA`` four)."""
+        ``IMMA`` four, a warpgroup MMA ``IGMMA.64xNx32`` its N / 2 accumulators)."""
         if self.op in _NO_DEST or not self.operands:
             return set()
         m = _REG.match(self.operands[0].strip())
@@ -90,6 +93,9 @@ class Instruction:
                 width = 4
         if self.op in ("IMMA", "HMMA"):
             width = 4
+        shape = _GMMA_SHAPE.search(self.opcode) if self.op.endswith("GMMA") else None
+        if shape:
+            width = int(shape.group(1)) * int(shape.group(2)) // 128
         return set(range(first, first + width))
 
     @property

@@ -17,15 +17,21 @@ from .specs import (
     DP4A_TILES,
     GEMV_NGROUPS,
     MMA_TILES,
+    WGMMA_TILES,
     KernelSpec,
     act_spec,
     arch_number,
     dp4a_spec,
     gemm_mma_spec,
     gemv_spec,
+    wgmma_spec,
 )
 
-__all__ = ["LinearSelection", "select_linear", "select_quantize"]
+__all__ = ["LinearSelection", "WGMMA_MIN_M", "select_linear", "select_quantize"]
+
+#: The wgmma GEMM takes prefill shapes only: below this many rows a 128-row tile is
+#: mostly empty and the mma.sync GEMM's 64-row tiles give more blocks.
+WGMMA_MIN_M = 65
 
 
 @dataclass(frozen=True)
@@ -80,9 +86,17 @@ def _gemv_groups(m: int, n: int, sm_count: int) -> int:
     return widest_first[-1]
 
 
+def _wgmma_tile(m: int, n: int, sm_count: int) -> str:
+    """The :data:`WGMMA_TILES` entry for ``m x n``: the 128x256 tile when its tiles cover
+    every SM (half as many shared-memory reads of the activation per MMA), else the
+    128x128 one, which gives twice as many tiles."""
+    bm, bn = WGMMA_TILES["128x256"][:2]
+    return "128x256" if _cdiv(m, bm) * _cdiv(n, bn) >= sm_count else "128x128"
+
+
 def select_linear(m: int, n: int, k: int, dtype: DTypeLike, arch: str, sm_count: int,
                   scheme: ActivationScheme | str = ActivationScheme.DYNAMIC,
-                  ) -> LinearSelection:
+                  wgmma: bool = False) -> LinearSelection:
     """Choose the kernels for ``y[m, n] = dequant(quant(x[m, k]) @ w[n, k].T)`` on ``arch``,
     with the activation pass of ``scheme`` and, for an asymmetric one, the GEMM with the
     zero-point term (the shape alone chooses the GEMM's family, tile and width).
@@ -90,6 +104,11 @@ def select_linear(m: int, n: int, k: int, dtype: DTypeLike, arch: str, sm_count:
     Decode shapes (``m <=`` :data:`~qlinear.problem.DECODE_MAX_M`) take the split-K kernel
     that streams the weight once (sm_80+) or the 16-row dp4a tile (sm_75); larger ones
     the tiled GEMM, 128x128 when that still gives every SM a tile, else 64x64.
+
+    With ``wgmma`` (the backend's switch) on sm_90a, ``m >=`` :data:`WGMMA_MIN_M` and
+    ``k % 16 == 0`` (``k > 0``), the Hopper GEMM takes the shape instead, with the tile of
+    :func:`_wgmma_tile`, on a persistent grid of at most one block per SM; its fallback
+    for operands that are not 16-byte aligned stays the mma.sync byte-load kernel.
 
     The decode kernel's block (8 x NG columns, NG in :data:`GEMV_NGROUPS`) reads all of its
     ``m`` activation rows (``m * k`` bytes, from L2) for ``8 * NG * k`` weight bytes, so
@@ -123,6 +142,11 @@ def select_linear(m: int, n: int, k: int, dtype: DTypeLike, arch: str, sm_count:
             gemm = gemm_mma_spec(dt, tile, aligned, zp)
             gemm_fb = gemm_mma_spec(dt, tile, False, zp)
             grid = (_cdiv(m, bm) * _cdiv(n, bn),)
+            if wgmma and arch == "sm_90a" and m >= WGMMA_MIN_M and k > 0 and aligned:
+                big = _wgmma_tile(m, n, sm_count)
+                bm, bn = WGMMA_TILES[big][:2]
+                gemm = wgmma_spec(dt, big, zp)
+                grid = (min(_cdiv(m, bm) * _cdiv(n, bn), sm_count),)
     else:
         tile = "16x128" if m <= DECODE_MAX_M else "128x128"
         bm, bn = DP4A_TILES[tile][:2]

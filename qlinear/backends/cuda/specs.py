@@ -22,6 +22,8 @@ __all__ = [
     "ACT_WARP_MAX_K",
     "MMA_TILES",
     "DP4A_TILES",
+    "WGMMA_TILES",
+    "WGMMA_THREADS",
     "GEMV_WARPS",
     "GEMV_NGROUPS",
     "ACT_SCHEMES",
@@ -33,6 +35,8 @@ __all__ = [
     "gemv_spec",
     "gemv_unroll",
     "dp4a_spec",
+    "wgmma_spec",
+    "wgmma_smem_bytes",
     "arch_number",
     "kernel_variants",
 ]
@@ -56,6 +60,14 @@ DP4A_TILES = {
     "128x128": (128, 128, 8, 8),
     "16x128": (16, 128, 2, 4),
 }
+#: Hopper (sm_90a) wgmma GEMM tiles, name: (BM, BN, STAGES); each stage holds a 128-byte
+#: k-tile of both operands, (BM + BN) x 128 bytes, so either table row takes 192 KiB.
+WGMMA_TILES = {
+    "128x256": (128, 256, 4),
+    "128x128": (128, 128, 6),
+}
+#: The wgmma GEMM's block: a producer warpgroup and two consumer warpgroups.
+WGMMA_THREADS = 384
 GEMV_WARPS = 8
 #: Column groups of 8 per block the decode kernel is built for.
 GEMV_NGROUPS = (1, 2, 4)
@@ -86,6 +98,10 @@ class KernelSpec:
         pdl: launched with programmatic dependent launch on sm_90+ (it waits for the
             previous kernel itself, with ``griddepcontrol.wait``, after loads that do
             not depend on it).
+        smem: dynamic shared memory per block, in bytes (above 48 KiB the kernel's
+            limit is raised when it is loaded).
+        tma_rows: for kernels whose first parameters are tensor maps (of the quantized
+            activation, then of the weight), the rows of each map's box; empty otherwise.
     """
 
     source: str
@@ -94,6 +110,8 @@ class KernelSpec:
     threads: int
     label: str
     pdl: bool = False
+    smem: int = 0
+    tma_rows: tuple[int, ...] = ()
 
     @property
     def name_expression(self) -> str:
@@ -184,6 +202,25 @@ def dp4a_spec(dtype: DType, tile: str, aligned: bool, zp: bool = False) -> Kerne
                       (bm // tm) * (bn // tn), f"{decode}gemm_dp4a_{tile}{suffix}")
 
 
+def wgmma_smem_bytes(bn: int, stages: int) -> int:
+    """Dynamic shared memory of ``gemm_wgmma.cu`` with ``stages`` stages of a 128 x ``bn``
+    tile: the tiles, a full and an empty 8-byte barrier per stage, and the slack that lets
+    the kernel start its tiles on a 1024-byte boundary (the swizzle pattern's period)."""
+    return stages * (128 + bn) * 128 + 16 * stages + 1024
+
+
+def wgmma_spec(dtype: DType, tile: str, zp: bool = False) -> KernelSpec:
+    """The Hopper GEMM with a ``tile`` of :data:`WGMMA_TILES` (sm_90a only; 16-byte aligned
+    operands and ``K % 16 == 0``, what its tensor maps need); ``zp`` as for
+    :func:`gemm_mma_spec`."""
+    bm, bn, stages = WGMMA_TILES[tile]
+    zp_arg, suffix = _zp(True, zp)
+    return KernelSpec("gemm_wgmma.cu", "qlinear_gemm_wgmma",
+                      (_CTYPES[dtype.name], str(bn), str(stages), zp_arg),
+                      WGMMA_THREADS, f"gemm_wgmma_{tile}x128_s{stages}{suffix}",
+                      smem=wgmma_smem_bytes(bn, stages), tma_rows=(bm, bn))
+
+
 def arch_number(arch: str) -> int:
     """``"sm_90a"`` -> 90."""
     m = re.fullmatch(r"sm_(\d+)[af]?", arch)
@@ -194,10 +231,11 @@ def arch_number(arch: str) -> int:
 
 def kernel_variants(arch: str) -> list[KernelSpec]:
     """Every kernel a plan can choose on ``arch``: every dtype, scheme, path, tile and
-    alignment (each kernel once: the static schemes share theirs, and the byte-load GEMMs
-    serve every scheme)."""
+    alignment, and the Hopper GEMM on sm_90a (each kernel once: the static schemes share
+    theirs, and the byte-load GEMMs serve every scheme)."""
     tensor_cores = arch_number(arch) >= 80
     schemes = [ActivationScheme.DYNAMIC, ActivationScheme.STATIC, ActivationScheme.DYNAMIC_ASYM]
+    hopper = arch == "sm_90a"  # wgmma and setmaxnreg need the architecture-specific target
     specs = []
     for dt in FLOAT_DTYPES:
         for scheme in schemes:
@@ -210,4 +248,6 @@ def kernel_variants(arch: str) -> list[KernelSpec]:
                 specs += [gemv_spec(dt, ng, aligned, zp) for ng in GEMV_NGROUPS]
             else:
                 specs += [dp4a_spec(dt, tile, aligned, zp) for tile in DP4A_TILES]
+        if hopper:
+            specs += [wgmma_spec(dt, tile, zp) for tile in WGMMA_TILES for zp in (False, True)]
     return specs
