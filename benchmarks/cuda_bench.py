@@ -1,7 +1,7 @@
 """GPU benchmark of qlinear's cuda backend beside torch, on one device, in one run.
 
     python benchmarks/cuda_bench.py          # M in {1, 16, 512, 4096} x 4 (K, N) x {f16, bf16}
-    python benchmarks/cuda_bench.py --quick  # M in {1, 16, 512} x 2 LLM MLP (K, N), f16, 20 runs
+    python benchmarks/cuda_bench.py --quick  # the same M x 2 LLM MLP (K, N), f16, 20 runs
     python benchmarks/cuda_bench.py --m 1 16 --kn 4096x4096 --dtype f16
     python benchmarks/cuda_bench.py --json cuda_bench.json
 
@@ -13,7 +13,11 @@ with CUDA events (warm-up, median of --repeats runs; before each run a short spi
 kernel keeps the GPU busy while Python enqueues, so launch overhead is not counted;
 for decode shapes, M <= 16, the L2 cache is flushed before each run):
 
-- qlinear: ``QuantizedLinearPlan.run`` (activation pass + int8 GEMM + fused dequant);
+- qlinear: ``QuantizedLinearPlan.run`` (activation pass + int8 GEMM + fused dequant),
+  selected with ``backend.wgmma`` off (the mma.sync GEMM, what every GPU runs by default);
+- on sm_90a, the plan selected with ``backend.wgmma`` on, where it takes the Hopper wgmma
+  GEMM (prefill shapes): checked against the oracle like the first, on its own output
+  and scratches, and timed run for run in alternation with it;
 - torch W8A8: per-token quantization in torch ops, ``torch._int_mm`` (M padded to 32
   where cuBLASLt refuses M <= 16; the table says so), dequantization + bias;
 - torch ``matmul`` in f16 / bf16 (the floating-point layer it replaces);
@@ -25,9 +29,11 @@ Prints a table (time, TOPS, % of the 1979 TOPS dense int8 peak of an H100 SXM, r
 each is baseline time / qlinear time, > 1 means qlinear is faster; against the weight
 read, the floor, it is at most 1)
 and writes JSON rows with the keys ``m, k, n, dtype, qlinear_ms, torch_w8a8_ms, fp16_ms,
-weight_read_ms, act_pass_gbps, copy_gbps`` (plus details: the ratios, which are those
-raw times divided, device, date, commit, repeats), rewritten after every shape so that
-a run stopped by a time limit still leaves the rows it finished. Tensors are torch tensors
+weight_read_ms, act_pass_gbps, copy_gbps, qlinear_wgmma_ms`` (the last None where the
+wgmma GEMM was not selected: decode shapes, other GPUs; plus details: both plans' skus,
+the ratios, which are those raw times divided, device, date, commit, repeats), rewritten
+after every shape so that a run stopped by a time limit still leaves the rows it finished.
+Tensors are torch tensors
 wrapped zero-copy by the backend, and everything runs on a non-default torch stream.
 Without an NVIDIA GPU (or without the cuda backend) it stops with a clear message and
 exit status 2. Without torch it still times qlinear and leaves the torch columns empty.
@@ -57,16 +63,26 @@ DEFAULT_KN = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192))
 DEFAULT_DTYPES = ("f16", "bf16")
 DEFAULT_REPEATS, DEFAULT_WARMUP = 50, 5
 #: ``--quick``: the decode, small-batch and prefill regimes on the two MLP projections of
-#: an 8B model (long K and wide N), sized to finish in well under two minutes on an H200.
-QUICK = {"m": [1, 16, 512], "kn": [(4096, 14336), (14336, 4096)], "dtype": ["f16"],
+#: an 8B model (long K and wide N); M = 512 and 4096 are where the wgmma GEMM is timed
+#: beside the default one. Sized for device_check.sh's 100 s step, an estimate: per shape
+#: the host makes and quantizes a 58.7M-element weight and computes the oracle's rows in
+#: float64 BLAS (3-6 s on a 2-core host, less on the GPU machine's 16 cores); the GPU
+#: takes under a second (5 timed variants x 23 runs of at most ~2 ms plus the 0.3 ms
+#: spin). 8 shapes x 5 s + ~15 s of start-up (torch, the context, kernels compiled or
+#: read from the cache) = about 55 s.
+QUICK = {"m": [1, 16, 512, 4096], "kn": [(4096, 14336), (14336, 4096)], "dtype": ["f16"],
          "repeats": 20, "warmup": 3}
 #: The keys of every JSON row that BENCHMARKS.md documents; each ratio is recomputable
-#: from them (baseline ms / qlinear_ms).
+#: from them (baseline ms / qlinear_ms, or / qlinear_wgmma_ms).
 RESULT_KEYS = ("m", "k", "n", "dtype", "qlinear_ms", "torch_w8a8_ms", "fp16_ms",
-               "weight_read_ms", "act_pass_gbps", "copy_gbps")
+               "weight_read_ms", "act_pass_gbps", "copy_gbps", "qlinear_wgmma_ms")
 #: Ratio key -> the baseline time it divides by ``qlinear_ms`` (> 1: qlinear is faster).
 RATIOS = {"w8a8_over_ql": "torch_w8a8_ms", "fp_over_ql": "fp16_ms",
           "wread_over_ql": "weight_read_ms"}
+#: The same for the wgmma plan's time, ``qlinear_wgmma_ms`` (> 1: the wgmma plan is
+#: faster than the baseline; ``ql_over_wgmma`` > 1: faster than the default GEMM's plan).
+WGMMA_RATIOS = {"ql_over_wgmma": "qlinear_ms", "w8a8_over_wgmma": "torch_w8a8_ms",
+                "fp_over_wgmma": "fp16_ms"}
 #: Dense int8 tensor-core peak of an H100 SXM (TOPS); the sparse figure is twice this.
 INT8_PEAK_TOPS = 1979.0
 #: Rows checked against the oracle beyond this M: a sample (see ``check_rows``).
@@ -90,7 +106,7 @@ def parse_args(argv=None):
     """The command line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="the reduced set (M 1 16 512, KxN 4096x14336 14336x4096, f16, "
+                   help="the reduced set (M 1 16 512 4096, KxN 4096x14336 14336x4096, f16, "
                         "20 repeats); options given beside it still win")
     p.add_argument("--m", type=int, nargs="+", help="rows (tokens)")
     p.add_argument("--kn", nargs="+", help="KxN shapes, e.g. 4096x14336")
@@ -178,19 +194,26 @@ class Timer:
 
     def median_ms(self, fn, repeats: int, warmup: int, flush: bool) -> float:
         """Median GPU milliseconds of ``fn()`` (which enqueues on this stream)."""
+        return self.medians_ms([fn], repeats, warmup, flush)[0]
+
+    def medians_ms(self, fns, repeats: int, warmup: int, flush: bool) -> list[float]:
+        """Median GPU milliseconds of each of ``fns``, timed in alternation (one run of
+        each per round), so that clock and temperature drift touch them alike."""
         for _ in range(warmup):
-            fn()
-        pairs = []
+            for fn in fns:
+                fn()
+        pairs: list[list] = [[] for _ in fns]
         for _ in range(repeats):
-            if flush:
-                self.flush_l2()
-            self.spin()
-            start = self.stream.record(options=self._events)
-            fn()
-            end = self.stream.record(options=self._events)
-            pairs.append((start, end))
+            for fn, runs in zip(fns, pairs):
+                if flush:
+                    self.flush_l2()
+                self.spin()
+                start = self.stream.record(options=self._events)
+                fn()
+                end = self.stream.record(options=self._events)
+                runs.append((start, end))
         self.stream.sync()
-        return statistics.median(end - start for start, end in pairs)
+        return [statistics.median(end - start for start, end in runs) for runs in pairs]
 
     def copy_gbps(self, repeats: int, warmup: int) -> float:
         """Device-to-device copy bandwidth (bytes read + written per second), in GB/s."""
@@ -219,6 +242,11 @@ def check_rows(m: int) -> np.ndarray:
     rng = np.random.default_rng(m)
     edges = np.concatenate([np.arange(0, m, 128), np.arange(127, m, 128), [m - 1]])
     return np.unique(np.concatenate([edges[:128], rng.choice(m, 128, replace=False)]))
+
+
+def is_wgmma(sku: str) -> bool:
+    """Whether a plan's sku names the Hopper wgmma GEMM."""
+    return "+gemm_wgmma" in sku
 
 
 def _bits(a):
@@ -254,16 +282,48 @@ class Shape:
         self.bias = rng.standard_normal(n).astype(dtype.numpy)
         self.w_fp = w.astype(dtype.numpy)
         self.desc = ql.QuantizedLinearDescriptor(m=m, c_out=n, k=k, dtype=dtype)
-        self.plan = ql.QuantizedLinearPlan.select(be, self.desc)
+        self.plan = self._select(wgmma=False)
+        # Where the switch changes nothing (decode shapes, other GPUs) there is no second
+        # plan; where it fails to build one, the row says why and the rest is still timed.
+        self.wgmma_error = ""
+        try:
+            switched = self._select(wgmma=True)
+        except ql.QlinearError as e:
+            switched, self.wgmma_error = None, f"{type(e).__name__}: {e}"
+        self.sku_wgmma = None if switched is None else switched.sku
+        self.wplan = switched if switched is not None and is_wgmma(switched.sku) else None
         self.qplan = ql.DynamicRangeQuantizePlan.select(be, self.desc.activation_pass)
         self.args = ql.QuantizedLinearArgs(
             activation=self._dev(self.x), weight_q=self._dev(self.wq),
             weight_scale=self._dev(self.ws), output=self._empty((m, n), dtype),
             act_q_scratch=self._empty((m, k), ql.s8), act_scale_scratch=self._empty((m,), dtype),
             bias=self._dev(self.bias))
+        self.wargs = None
+        if self.wplan is not None:
+            # Its own outputs, filled with what no run writes (NaN, q = -128), so a kernel
+            # that writes nothing cannot pass on the first plan's results.
+            self.wargs = ql.QuantizedLinearArgs(
+                activation=self.args.activation, weight_q=self.args.weight_q,
+                weight_scale=self.args.weight_scale,
+                output=self._dev(np.full((m, n), np.nan, dtype.numpy)),
+                act_q_scratch=self._dev(np.full((m, k), -128, np.int8)),
+                act_scale_scratch=self._dev(np.full((m,), np.nan, dtype.numpy)),
+                bias=self.args.bias)
         self.qargs = ql.DynamicRangeQuantizeArgs(
             activation=self.args.activation, act_q=self.args.act_q_scratch,
             act_scale=self.args.act_scale_scratch)
+
+    def _select(self, wgmma: bool):
+        """The plan selected with the backend's wgmma switch set to ``wgmma`` (restored
+        after; a backend without the switch selects as it always does)."""
+        if not hasattr(self.be, "wgmma"):
+            return ql.QuantizedLinearPlan.select(self.be, self.desc)
+        before = self.be.wgmma
+        self.be.wgmma = wgmma
+        try:
+            return ql.QuantizedLinearPlan.select(self.be, self.desc)
+        finally:
+            self.be.wgmma = before
 
     # Device tensors: torch's (wrapped zero-copy by the backend) when torch is here.
     def _dev(self, arr):
@@ -294,21 +354,39 @@ class Shape:
         """Enqueue one qlinear run."""
         self.plan.run(self.args, stream=stream)
 
+    def run_wgmma(self, stream):
+        """Enqueue one run of the plan with the wgmma GEMM."""
+        self.wplan.run(self.wargs, stream=stream)
+
     def run_act_pass(self, stream):
         """Enqueue the activation pass alone."""
         self.qplan.run(self.qargs, stream=stream)
 
-    def check(self, stream) -> None:
-        """Run once and compare output and scratches with the oracle."""
-        self.run_qlinear(stream)
-        self.be.synchronize()
+    def check(self, stream) -> str:
+        """Run each plan once and compare its output and scratches with the oracle. The
+        default plan's failure raises AssertionError; the wgmma plan's is returned (and
+        that plan dropped), so the other figures are still taken: ``"ok"``, ``"not
+        selected"`` or ``"FAILED: <what differs>"``."""
         rows = check_rows(self.m)
-        y = self._host(self.args.output, self.dtype)[rows]
-        q = self._host(self.args.act_q_scratch, ql.s8)[rows]
-        s = self._host(self.args.act_scale_scratch, self.dtype)[rows]
-        want_y, want_q, want_s = reference_linear(self.x[rows], self.wq, self.ws, self.bias,
-                                                  self.dtype)
-        what = f"M={self.m} K={self.k} N={self.n} {self.dtype.name} [{self.plan.sku}]"
+        want = reference_linear(self.x[rows], self.wq, self.ws, self.bias, self.dtype)
+        self._check_plan(self.plan, self.args, stream, rows, want)
+        if self.wplan is None:
+            return "not selected"
+        try:
+            self._check_plan(self.wplan, self.wargs, stream, rows, want)
+        except AssertionError as e:
+            self.wplan = None
+            return f"FAILED: {e}"
+        return "ok"
+
+    def _check_plan(self, plan, args, stream, rows, want) -> None:
+        want_y, want_q, want_s = want
+        plan.run(args, stream=stream)
+        self.be.synchronize()
+        y = self._host(args.output, self.dtype)[rows]
+        q = self._host(args.act_q_scratch, ql.s8)[rows]
+        s = self._host(args.act_scale_scratch, self.dtype)[rows]
+        what = f"M={self.m} K={self.k} N={self.n} {self.dtype.name} [{plan.sku}]"
         assert_same(s, want_s, f"act_scale_scratch {what}")
         if not np.array_equal(q, want_q):
             raise AssertionError(f"act_q_scratch {what}: differs from the oracle")
@@ -361,15 +439,24 @@ class Shape:
 def bench_shape(be, torch, timer, stream, m, k, n, dtype, args, copy_gbps, rng):
     """One table row."""
     shape = Shape(be, torch, m, k, n, dtype, rng)
+    wgmma_check = "not checked" if shape.wplan is not None else "not selected"
     if not args.no_check:
-        shape.check(stream)
+        wgmma_check = shape.check(stream)
+    if shape.wgmma_error:
+        wgmma_check = f"FAILED: selecting the plan: {shape.wgmma_error}"
     flush = m <= DECODE_MAX_M
     reps, warm = args.repeats, args.warmup
     row = {"m": m, "k": k, "n": n, "dtype": dtype.name, "sku": shape.plan.sku,
+           "sku_wgmma": shape.sku_wgmma, "wgmma_check": wgmma_check,
            "checked_rows": "none" if args.no_check else
            ("all" if m <= FULL_CHECK_MAX_M else f"{len(check_rows(m))} sampled"),
            "l2_flushed": flush}
-    row["qlinear_ms"] = timer.median_ms(lambda: shape.run_qlinear(stream), reps, warm, flush)
+    plans = [lambda: shape.run_qlinear(stream)]
+    if shape.wplan is not None:
+        plans.append(lambda: shape.run_wgmma(stream))
+    times = timer.medians_ms(plans, reps, warm, flush)
+    row["qlinear_ms"] = times[0]
+    row["qlinear_wgmma_ms"] = times[1] if shape.wplan is not None else None
     row["act_pass_ms"] = timer.median_ms(lambda: shape.run_act_pass(stream), reps, warm, flush)
     row["copy_gbps"] = copy_gbps
     row["torch_w8a8_ms"] = row["fp16_ms"] = None
@@ -394,6 +481,10 @@ def derive(row: dict) -> dict:
     row["pct_int8_peak"] = 100 * row["tops"] / INT8_PEAK_TOPS
     for key, base in RATIOS.items():
         row[key] = None if row[base] is None else row[base] / row["qlinear_ms"]
+    wg = row.setdefault("qlinear_wgmma_ms", None)
+    row["tops_wgmma"] = None if wg is None else 2 * m * k * n / (wg * 1e-3) / 1e12
+    for key, base in WGMMA_RATIOS.items():
+        row[key] = None if wg is None or row[base] is None else row[base] / wg
     return row
 
 
@@ -418,32 +509,54 @@ def _ratio(value):
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _ms(value):
+    return "-" if value is None else f"{value:.4f}"
+
+
+def wgmma_line(rows) -> str:
+    """Where the wgmma GEMM was timed (device_check.sh copies this line to its summary)."""
+    timed = [r for r in rows if r["qlinear_wgmma_ms"] is not None]
+    if not timed:
+        return f"gemm: wgmma timed at 0 of {len(rows)} shapes (not selected: decode shapes, " \
+               f"or not sm_90a)"
+    line = f"gemm: wgmma timed at {len(timed)} of {len(rows)} shapes (M > 64 on sm_90a)"
+    vs_fp = [r["fp_over_wgmma"] for r in timed if r["fp_over_wgmma"] is not None]
+    vs_ql = [r["ql_over_wgmma"] for r in timed]
+    line += f"; ql/wg {min(vs_ql):.2f}x-{max(vs_ql):.2f}x"
+    return line + (f", fp/wg {min(vs_fp):.2f}x-{max(vs_fp):.2f}x" if vs_fp else "")
+
+
 def print_table(rows, device: str, copy_gbps: float) -> None:
     """The human-readable table."""
     print(f"\n{device}; copy bandwidth {copy_gbps:.0f} GB/s; "
           f"int8 peak {INT8_PEAK_TOPS:.0f} TOPS (dense)")
     head = (f"{'M':>5} {'K':>6} {'N':>6} {'dt':>4} | {'qlinear ms':>10} {'TOPS':>7} {'%peak':>6} | "
+            f"{'wgmma ms':>8} {'ql/wg':>6} {'fp/wg':>6} | "
             f"{'w8a8 ms':>8} {'w8a8/ql':>7} | {'fp ms':>8} {'fp/ql':>6} | {'wread ms':>8} "
             f"{'wread/ql':>8} | {'act GB/s':>8} {'%copy':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        w8 = r["torch_w8a8_ms"]
-        fp = r["fp16_ms"]
         print(f"{r['m']:>5} {r['k']:>6} {r['n']:>6} {r['dtype']:>4} | {r['qlinear_ms']:>10.4f} "
               f"{r['tops']:>7.1f} {r['pct_int8_peak']:>5.1f}% | "
-              f"{'-' if w8 is None else f'{w8:.4f}':>8} {_ratio(r['w8a8_over_ql']):>7} | "
-              f"{'-' if fp is None else f'{fp:.4f}':>8} {_ratio(r['fp_over_ql']):>6} | "
+              f"{_ms(r['qlinear_wgmma_ms']):>8} {_ratio(r['ql_over_wgmma']):>6} "
+              f"{_ratio(r['fp_over_wgmma']):>6} | "
+              f"{_ms(r['torch_w8a8_ms']):>8} {_ratio(r['w8a8_over_ql']):>7} | "
+              f"{_ms(r['fp16_ms']):>8} {_ratio(r['fp_over_ql']):>6} | "
               f"{r['weight_read_ms']:>8.4f} {_ratio(r['wread_over_ql']):>8} | "
               f"{r['act_pass_gbps']:>8.0f} {100 * r['act_pass_gbps'] / copy_gbps:>5.0f}%")
     for note in sorted({r["torch_note"] for r in rows}):
         if note:
             print(f"  note: {note}")
     print("  kernels: " + "; ".join(sorted({r['sku'] for r in rows})))
+    wgmma = sorted({r["sku_wgmma"] for r in rows if r["qlinear_wgmma_ms"] is not None})
+    print("  kernels with wgmma on: " + ("; ".join(wgmma) or "none"))
+    print(wgmma_line(rows))
 
 
 def main(argv=None) -> int:
-    """Run the benchmark; 0 on success, 2 when it cannot run here, 1 on a failed check."""
+    """Run the benchmark; 0 on success, 2 when it cannot run here, 1 on a failed check
+    (the wgmma plan's at the end, after the figures of every shape)."""
     args = parse_args(argv)
     try:
         be = require_cuda()
@@ -479,11 +592,15 @@ def main(argv=None) -> int:
                 if args.json:
                     write_json(args.json, rows)
                 print(f"  M={m} K={k} N={n} {dtype.name}: qlinear {row['qlinear_ms']:.4f} ms "
-                      f"[{row['sku']}]", file=sys.stderr)
+                      f"[{row['sku']}], wgmma {_ms(row['qlinear_wgmma_ms'])} ms",
+                      file=sys.stderr)
     print_table(rows, device, copy_gbps)
     if args.json:
         print(f"wrote {len(rows)} rows to {args.json}")
-    return 0
+    failed = [r["wgmma_check"] for r in rows if r["wgmma_check"].startswith("FAILED")]
+    for why in failed:
+        print(f"CHECK FAILED (wgmma plan, not timed): {why[len('FAILED: '):]}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -4,12 +4,15 @@
 #   ONLY=bench,wgsl bash benchmarks/device_check.sh  # some steps again (names as below)
 #   QLINEAR_COMMIT=<sha> ...                         # the commit, where .git did not travel
 # Steps, most valuable first, each under its own time limit (the limits add up to 540 s):
-# facts, the shared suite on the cuda backend (every activation scheme included),
-# compute-sanitizer memcheck and racecheck (an asymmetric-scheme case among them),
-# the CUDA benchmark (--quick), then WGSL on the NVIDIA Vulkan adapter when wgpu is there
-# or its wheels were carried in .whl/ (Vulkan loader .debs in .gl/ where none is
-# installed). A failed or timed-out step does not stop the run: the summary at the end
-# (also $OUT/summary.txt, written as each step ends) gives every step's status and time.
+# facts, the shared suite on the cuda backend with the default GEMM (every activation
+# scheme included), the same backend with the Hopper wgmma GEMM switched on (the shared
+# tests whose shapes take it, then every dtype with every scheme in sanitize_cases.py),
+# compute-sanitizer memcheck and racecheck (asymmetric-scheme and wgmma cases among them),
+# the CUDA benchmark (--quick; the wgmma plan timed beside the default one), then WGSL on
+# the NVIDIA Vulkan adapter when wgpu is there or its wheels were carried in .whl/ (Vulkan
+# loader .debs in .gl/ where none is installed). A failed or timed-out step does not stop
+# the run: the summary at the end (also $OUT/summary.txt, written as each step ends) gives
+# every step's status and time, and which GEMM ran where that matters (wgmma on or off).
 # Each step's whole log goes to $OUT with tee; the console gets its tail. At most 8 files
 # land in $OUT, which is all the GPU machine sends back.
 set -uo pipefail
@@ -28,6 +31,10 @@ export SUITE="tests/test_linear.py tests/test_quantize.py tests/test_schemes.py
   tests/test_layer_io.py tests/test_cuda_backend.py tests/test_bench_peers.py
   tests/test_plugin.py tests/test_torch_module.py
   tests/test_torch_swap.py tests/test_torch_fidelity.py tests/test_torch_compile.py"
+# The only shared tests with linear shapes that take the wgmma GEMM when it is on (M > 64,
+# K % 16 == 0: an encoder at M = 128 and 512, a layer at M = 100; bf16 and f32, the
+# default scheme), so sanitize_cases.py --wgmma-sweep runs every dtype and scheme after.
+export WGMMA_TESTS="tests/test_torch_fidelity.py tests/test_torch_module.py"
 export WGSL_TESTS="tests/test_linear.py tests/test_wgpu_backend.py tests/test_wgpu_numerics.py
   tests/test_wgpu_probe.py tests/test_wgpu_streams.py tests/test_wgpu_limits.py"
 mkdir -p "$OUT" "$QLINEAR_CACHE_DIR"
@@ -35,9 +42,9 @@ rm -f "$OUT/summary.txt" "$OUT"/{facts,suite-cuda,sanitize,cuda_bench,wgsl}.log 
   "$OUT"/{cuda_bench,wgpu_bench}.json
 
 facts() {
-  local rc=0 gpu commit
+  local failed="" gpu commit
   nvidia-smi --format=csv --query-gpu=name,driver_version,memory.total,compute_cap,\
-clocks.sm,clocks.max.sm,power.limit,temperature.gpu || rc=1
+clocks.sm,clocks.max.sm,power.limit,temperature.gpu || failed+=" nvidia-smi"
   gpu=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)
   # As qlinear.bench.git_commit reads it: a named commit first, then the repository.
   commit=${QLINEAR_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -47,7 +54,7 @@ clocks.sm,clocks.max.sm,power.limit,temperature.gpu || rc=1
   # The summary comes back whatever else does: it names the machine and the code.
   echo "gpu: ${gpu:-none (nvidia-smi failed)}; commit: $commit; $(date -u +%FT%TZ)" |
     tee -a "$OUT/summary.txt"
-  "$PY" - <<'EOF' || rc=1
+  "$PY" - <<'EOF' || failed+=" versions"
 import importlib.metadata as md
 import platform
 
@@ -67,7 +74,7 @@ try:
 except Exception as e:  # a fact too: the backend will say the same
     print("NVRTC / cuda.pathfinder:", type(e).__name__, e)
 EOF
-  "$PY" -m qlinear info >"$WORK/info.txt" || rc=1
+  "$PY" -m qlinear info >"$WORK/info.txt" || failed+=" qlinear-info"
   # The cuda section last, where the console's tail shows it.
   awk '/^\[/ { s = /^\[cuda\]/ } !s' "$WORK/info.txt"
   awk '/^\[/ { s = /^\[cuda\]/ } s' "$WORK/info.txt"
@@ -75,7 +82,19 @@ EOF
     printf '%s: ' "$tool"
     command -v "$tool" >/dev/null && "$tool" --version | grep -m 1 -i 'release\|version' || echo -
   done
-  return $rc
+  # The last line names what failed, for the summary.
+  [[ -z "$failed" ]] || { echo "facts that failed:$failed"; return 1; }
+}
+
+# A step's remark for its summary row, e.g. which GEMM ran ($NOTE is set per step).
+note() { echo "$*" >>"$NOTE"; }
+
+# Runs "$@" with its output shown, and copies its last "gemm: ..." line to the remark.
+gemm_note() {
+  "$@" | tee "$WORK/gemm.out"
+  local rc=${PIPESTATUS[0]}
+  grep '^gemm: ' "$WORK/gemm.out" | sed -n '$p' | cut -c 7- >>"$NOTE"
+  return "$rc"
 }
 
 suite() {
@@ -83,23 +102,54 @@ suite() {
   # 16 cores: a worker per few of them; per-test limits turn a hang into a failure.
   "$PY" -c "import xdist" 2>/dev/null && par+=(-n 8)
   "$PY" -c "import pytest_timeout" 2>/dev/null && par+=(--timeout=120)
+  note "wgmma off"
+  # shellcheck disable=SC2086
+  QLINEAR_CUDA_WGMMA=0 "$PY" -m pytest -q -p no:cacheprovider --qlinear-backend=cuda \
+    --qlinear-require --maxfail=20 --durations=15 "${par[@]}" $SUITE
+}
+
+suite_wgmma() {
+  local par=() rc=0
+  "$PY" -c "import xdist" 2>/dev/null && par+=(-n 4)
+  "$PY" -c "import pytest_timeout" 2>/dev/null && par+=(--timeout=60)
+  export QLINEAR_CUDA_WGMMA=1
+  note "wgmma on"
+  # Which GEMM the tests' linear shapes take here (the tests themselves do not say).
+  gemm_note "$PY" - <<'EOF' || rc=1
+import qlinear as ql
+
+try:
+    be = ql.backend("cuda")
+except ql.BackendUnavailable as e:
+    raise SystemExit(f"the cuda backend is unavailable here: {e.reason}")
+shapes = [(128, 384, 384, ql.bf16), (128, 384, 1536, ql.bf16), (512, 1536, 384, ql.f32),
+          (100, 64, 32, ql.f32)]
+took = 0
+for m, k, n, dt in shapes:
+    sku = ql.QuantizedLinearPlan.select(be, ql.QuantizedLinearDescriptor(m, n, k, dt)).sku
+    took += "+gemm_wgmma" in sku
+    print(f"wgmma on: M={m} K={k} N={n} {dt.name} -> {sku}")
+print(f"gemm: the tests' shapes take it at {took} of {len(shapes)}")
+EOF
   # shellcheck disable=SC2086
   "$PY" -m pytest -q -p no:cacheprovider --qlinear-backend=cuda --qlinear-require \
-    --maxfail=20 --durations=15 "${par[@]}" $SUITE
+    --maxfail=20 --durations=5 "${par[@]}" $WGMMA_TESTS || rc=1
+  gemm_note "$PY" benchmarks/sanitize_cases.py --wgmma-sweep || rc=1
+  return $rc
 }
 
 memcheck() {
-  compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 \
+  gemm_note compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 \
     "$PY" benchmarks/sanitize_cases.py
 }
 
 racecheck() {
-  compute-sanitizer --tool racecheck --error-exitcode 3 --print-limit 20 \
+  gemm_note compute-sanitizer --tool racecheck --error-exitcode 3 --print-limit 20 \
     "$PY" benchmarks/sanitize_cases.py --quick --no-interop
 }
 
 bench() {
-  "$PY" benchmarks/cuda_bench.py --quick --json "$OUT/cuda_bench.json"
+  gemm_note "$PY" benchmarks/cuda_bench.py --quick --json "$OUT/cuda_bench.json"
 }
 
 skip() { echo "$1" >"$SKIP"; echo "SKIP: $1"; exit 77; }
@@ -169,39 +219,47 @@ wgsl_bench() {
     --json "$OUT/wgpu_bench.json"
 }
 
-export -f facts suite memcheck racecheck bench skip wgsl wgsl_tests wgsl_bench
+export -f note gemm_note facts suite suite_wgmma memcheck racecheck bench skip wgsl wgsl_tests wgsl_bench
 
 TOTAL=0
 row() { printf '%-11s %4ss of %3ss  %s\n' "$@" | tee -a "$OUT/summary.txt"; }
 # step NAME LIMIT LOG FUNCTION: FUNCTION under a LIMIT-second timeout, logged whole to
-# $OUT/LOG. ONLY=a,b runs the steps named a or b (and a's sub-steps a-*) alone.
+# $OUT/LOG. ONLY=a,b runs the steps named a or b (and a's sub-steps a-*) alone. What the
+# function writes to $NOTE (which GEMM ran) follows its status in the summary.
 step() {
-  local name=$1 limit=$2 log=$3 fn=$4 t0 rc status
+  local name=$1 limit=$2 log=$3 fn=$4 t0 rc status lines last
   if [[ -n "${ONLY:-}" && ",$ONLY," != *",$name,"* && ",$ONLY," != *",${name%%-*},"* ]]; then
     row "$name" 0 "$limit" "not run (ONLY=$ONLY)"; return
   fi
   echo; echo "=== $name (at most ${limit}s; log $OUT/$log)"
+  export NOTE="$WORK/note.$name"
+  lines=$(cat "$OUT/$log" 2>/dev/null | wc -l)
   t0=$SECONDS
   timeout -k 5 "$limit" bash -c "$fn" 2>&1 | tee -a "$OUT/$log" | tail -n 25
   rc=${PIPESTATUS[0]}
+  # A failure's row quotes the step's last words (pytest's tally, the sanitizer's count).
+  last=$(sed -n "$((lines + 1)),\$p" "$OUT/$log" | grep -v '^[[:space:]]*$' | sed -n '$p' |
+    cut -c 1-100)
   case $rc in
     0) status=ok ;;
     77) status="skipped: $(cat "$SKIP" 2>/dev/null)" ;;
-    124|137) status="TIMED OUT (exit $rc)" ;;
-    *) status="FAILED (exit $rc)" ;;
+    124|137) status="TIMED OUT (exit $rc): $last" ;;
+    *) status="FAILED (exit $rc): $last" ;;
   esac
+  [[ -s "$NOTE" ]] && status+=" -- $(paste -sd ';' "$NOTE" | sed 's/;/; /g')"
   TOTAL=$((TOTAL + SECONDS - t0))
   row "$name" $((SECONDS - t0)) "$limit" "$status"
 }
 
-step facts       25 facts.log      facts
-step suite      200 suite-cuda.log suite
-step memcheck    60 sanitize.log   memcheck
-step racecheck   45 sanitize.log   racecheck
-step bench      100 cuda_bench.log bench
-step wgsl        20 wgsl.log       wgsl
-step wgsl-tests  50 wgsl.log       wgsl_tests
-step wgsl-bench  40 wgsl.log       wgsl_bench
+step facts        20 facts.log      facts
+step suite       160 suite-cuda.log suite
+step suite-wgmma  70 suite-cuda.log suite_wgmma
+step memcheck     65 sanitize.log   memcheck
+step racecheck    45 sanitize.log   racecheck
+step bench       100 cuda_bench.log bench
+step wgsl         15 wgsl.log       wgsl
+step wgsl-tests   35 wgsl.log       wgsl_tests
+step wgsl-bench   30 wgsl.log       wgsl_bench
 
 echo; echo "=== summary ($OUT/summary.txt; logs and JSON beside it)"
 echo "total ${TOTAL}s" >>"$OUT/summary.txt"

@@ -1,18 +1,24 @@
 """Odd shapes through the cuda backend, for ``compute-sanitizer`` (memcheck, racecheck).
 
 Every case is checked against the exact int64 reference as well, so one run under the
-sanitizer says both "no bad access / no race" and "right answer"; the asymmetric
-activation schemes' cases (zero points and weight column sums read at the tile edges)
-against the cpu backend, which runs every scheme exactly. It also runs one zero-copy
-case each on torch and CuPy tensors on a non-default stream, where installed.
+sanitizer says both "no bad access / no race" and "right answer"; the other activation
+schemes' cases (zero points and weight column sums read at the tile edges) against the
+cpu backend, which runs every scheme exactly. Each case names the GEMM it asks for: the
+default one (``backend.wgmma`` off) or the Hopper wgmma GEMM (on, at shapes that select
+it on an H100/H200: M > 64, K % 16 == 0, both tiles, odd M and N edges, zero points, more
+tiles than SMs); on sm_90a a wgmma case whose plan did not take it is a failure, on other
+GPUs it runs the default GEMM and the last line says so. It also runs one zero-copy case
+each on torch and CuPy tensors on a non-default stream, where installed.
 
     compute-sanitizer --tool memcheck --error-exitcode 3 \
         python benchmarks/sanitize_cases.py
     compute-sanitizer --tool racecheck --error-exitcode 3 \
         python benchmarks/sanitize_cases.py --quick --no-interop
+    python benchmarks/sanitize_cases.py --wgmma-sweep   # every dtype x scheme, wgmma on
 """
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -29,6 +35,30 @@ N = 72  # not a multiple of any tile
 #: (M, K, dtype name, scheme): the zero-point GEMM (aligned K: the tiled kernel with the
 #: term compiled in) and, in full runs, the byte-load decode kernel given zero points.
 SCHEME_CASES = [(17, 4096, "f16", "dynamic_asym"), (1, 1025, "bf16", "static_asym")]
+#: Shapes (M, K, N) that select the wgmma GEMM on 132 SMs (H100 SXM, H200), whichever
+#: tile rule holds (128x256 when its tiles cover every SM; 128x128 when its tiles give at
+#: least half of the SMs one), each with the tile it takes there. M is never a multiple of
+#: 128, K leaves a partial 128-byte k-tile, and the k-tiles a block walks outnumber the
+#: stages (the barrier ring wraps) except where a block walks several output tiles.
+WGMMA_SHAPES = [
+    (1153, 400, 3341, "128x256"),   # 10 x 14 tiles > 132: persistent; odd N
+    (2049, 48, 4100, "128x256"),    # 17 x 17 tiles: up to 3 per block; one partial k-tile
+    (300, 1040, 2825, "128x128"),   # 3 x 23 tiles; 9 k-tiles over 6 stages; odd N
+    (129, 144, 4300, "128x128"),    # 2 x 34 tiles; one row in the last tile band
+]
+#: The sanitizer's wgmma cases, (shape index, dtype name, scheme): both tiles, with and
+#: without zero points, every dtype; ``--quick`` (racecheck) takes the first two.
+WGMMA_CASES = [(0, "f16", "dynamic_asym"), (2, "bf16", "dynamic"), (1, "f32", "static_asym"),
+               (3, "f64", "static")]
+SCHEMES = ["dynamic", "static_asym", "static", "dynamic_asym"]  # zero points every other
+DTYPES = ["f16", "bf16", "f32", "f64"]
+
+
+def wgmma_sweep():
+    """``--wgmma-sweep``: every dtype with every scheme, each dtype and each scheme over
+    all four shapes, ``(shape index, dtype name, scheme)``."""
+    return [((d + s) % len(WGMMA_SHAPES), dt, sch)
+            for d, dt in enumerate(DTYPES) for s, sch in enumerate(SCHEMES)]
 
 
 def same(got, want):
@@ -36,27 +66,87 @@ def same(got, want):
     return bool(np.all((g == w) | (np.isnan(g) & np.isnan(w))))
 
 
-def run_case(be, m, k, n, dtype, rng):
+class Gemm:
+    """Which GEMM the cases ask for and which their plans took."""
+
+    def __init__(self, be):
+        self.be = be
+        self.switch = hasattr(be, "wgmma")  # the cuda backend's; no other backend has one
+        self.hopper = getattr(be, "arch", None) == "sm_90a"
+        self.asked = 0      # cases asking for the wgmma GEMM
+        self.default = 0    # cases asking for the default one
+        self.took = set()   # the wgmma GEMM labels their plans took
+        self.wrong = 0      # wgmma cases on sm_90a whose plan did not take it
+
+    @contextlib.contextmanager
+    def selecting(self, wgmma):
+        """Plans selected inside take the wgmma GEMM when ``wgmma`` (else the default)."""
+        if not self.switch:
+            yield
+            return
+        before = self.be.wgmma
+        self.be.wgmma = wgmma
+        try:
+            yield
+        finally:
+            self.be.wgmma = before
+
+    def check(self, sku, wgmma):
+        """'' if the plan ran the GEMM asked for (as far as this device allows), else why."""
+        took = "+gemm_wgmma" in sku
+        self.asked += wgmma
+        self.default += not wgmma
+        if wgmma and took:
+            label = next(p for p in sku.split("+") if p.startswith("gemm_wgmma_"))
+            self.took.add(label[len("gemm_wgmma_"):])
+        if took and not wgmma:
+            return " (wgmma taken with the switch off)"
+        if wgmma and self.hopper and not took:
+            self.wrong += 1
+            return " (wgmma asked for on sm_90a, not selected)"
+        return ""
+
+    def summary(self):
+        """The run's account of its GEMMs, one line (device_check.sh's summary quotes it)."""
+        line = "gemm: "
+        if self.asked:
+            if self.hopper:
+                line += (f"wgmma on in {self.asked} cases, taken in {self.asked - self.wrong} "
+                         f"(gemm_wgmma_{{{', '.join(sorted(self.took))}}})")
+            else:
+                where = getattr(self.be, "arch", self.be.name)
+                line += f"wgmma on in {self.asked} cases, none taken ({where}: no wgmma GEMM)"
+        if self.default:
+            line += ("; " if self.asked else "") + f"wgmma off in {self.default}"
+        return line
+
+
+def run_case(be, gemm, m, k, n, dtype, rng, wgmma=False):
+    """The default scheme against the int64 reference."""
     x = (rng.standard_normal((m, k)) * 3).astype(dtype.numpy)
     x[0, 0] = np.nan if m > 2 else x[0, 0]
     wq = rng.integers(-128, 128, (n, k), dtype=np.int8)
     ws = rng.uniform(1e-3, 1e-2, n).astype(dtype.numpy)
     bias = rng.standard_normal(n).astype(dtype.numpy)
-    plan = ql.QuantizedLinearPlan.select(be, ql.QuantizedLinearDescriptor(m, n, k, dtype))
+    with gemm.selecting(wgmma):
+        plan = ql.QuantizedLinearPlan.select(be, ql.QuantizedLinearDescriptor(m, n, k, dtype))
     args = ql.QuantizedLinearArgs(be.from_numpy(x), be.from_numpy(wq), be.from_numpy(ws),
                                   be.empty((m, n), dtype), be.empty((m, k), ql.s8),
                                   be.empty((m,), dtype), be.from_numpy(bias))
     plan.run(args)
     y, q, s = reference_linear(x, wq, ws, bias, dtype)
-    ok = (same(be.to_numpy(args.output), y) and same(be.to_numpy(args.act_scale_scratch), s)
-          and (be.to_numpy(args.act_q_scratch).astype(np.int64) == q).all())
-    print(f"{'ok ' if ok else 'BAD'} M={m} K={k} N={n} {dtype.name} {plan.sku}", flush=True)
+    wrong = gemm.check(plan.sku, wgmma)
+    ok = not wrong and (
+        same(be.to_numpy(args.output), y) and same(be.to_numpy(args.act_scale_scratch), s)
+        and (be.to_numpy(args.act_q_scratch).astype(np.int64) == q).all())
+    print(f"{'ok ' if ok else 'BAD'} M={m} K={k} N={n} {dtype.name} {plan.sku}{wrong}",
+          flush=True)
     return ok
 
 
-def run_scheme_case(be, m, k, n, dtype, scheme, rng):
-    """One asymmetric-scheme problem on ``be`` and on the cpu backend: output, q, scales
-    and zero points must agree bit for bit."""
+def run_scheme_case(be, gemm, m, k, n, dtype, scheme, rng, wgmma=False):
+    """One problem in ``scheme`` on ``be`` and on the cpu backend: output, q, scales and
+    (for the asymmetric schemes) zero points must agree bit for bit."""
     x = (rng.standard_normal((m, k)) * 3 + rng.uniform(-4, 4, (m, 1))).astype(dtype.numpy)
     if m > 2:
         x[1, 0] = np.nan
@@ -64,24 +154,45 @@ def run_scheme_case(be, m, k, n, dtype, scheme, rng):
     ws = rng.uniform(1e-3, 1e-2, n).astype(dtype.numpy)
     bias = rng.standard_normal(n).astype(dtype.numpy)
     desc = ql.QuantizedLinearDescriptor(m, n, k, dtype, scheme=scheme)
-    static = {"input_scale": 0.05, "input_zero_point": -9} if desc.scheme.static else {}
+    extra = {"input_scale": 0.05} if desc.scheme.static else {}
+    if desc.scheme.static_zero_point:
+        extra["input_zero_point"] = -9
     got, skus = [], []
     for b in (be, ql.backend("cpu")):
-        plan = ql.QuantizedLinearPlan.select(b, desc)
+        with gemm.selecting(wgmma and b is be):
+            plan = ql.QuantizedLinearPlan.select(b, desc)
         skus.append(plan.sku)
+        if desc.scheme.asymmetric:
+            extra.update(act_zp_scratch=b.empty((m,), ql.s32),
+                         weight_colsum=b.from_numpy(ql.weight_colsum(wq)))
         args = ql.QuantizedLinearArgs(
             b.from_numpy(x), b.from_numpy(wq), b.from_numpy(ws), b.empty((m, n), dtype),
-            b.empty((m, k), ql.s8), b.empty((m,), dtype), b.from_numpy(bias),
-            act_zp_scratch=b.empty((m,), ql.s32),
-            weight_colsum=b.from_numpy(ql.weight_colsum(wq)), **static)
+            b.empty((m, k), ql.s8), b.empty((m,), dtype), b.from_numpy(bias), **extra)
         plan.run(args)
-        got.append([b.to_numpy(t) for t in (args.output, args.act_q_scratch,
-                                             args.act_scale_scratch, args.act_zp_scratch)])
+        outs = [args.output, args.act_q_scratch, args.act_scale_scratch, args.act_zp_scratch]
+        got.append([b.to_numpy(t) for t in outs if t is not None])
+    wrong = gemm.check(skus[0], wgmma)
     # Floats (bf16 is numpy kind "V") NaN where the other is NaN, integers equal.
-    ok = all(same(a, c) if a.dtype.kind in "fV" else bool((a == c).all())
-             for a, c in zip(*got))
-    print(f"{'ok ' if ok else 'BAD'} M={m} K={k} N={n} {dtype.name} {scheme} {skus[0]}",
+    ok = not wrong and all(same(a, c) if a.dtype.kind in "fV" else bool((a == c).all())
+                           for a, c in zip(*got))
+    print(f"{'ok ' if ok else 'BAD'} M={m} K={k} N={n} {dtype.name} {scheme} {skus[0]}{wrong}",
           flush=True)
+    return ok
+
+
+def run_wgmma_cases(be, gemm, cases, rng):
+    """``cases`` of ``(shape index, dtype name, scheme)`` with the wgmma GEMM asked for."""
+    dtypes = {"f64"} if be.name == "wgpu" else set()
+    ok = True
+    for i, dt, scheme in cases:
+        if dt in dtypes:
+            continue
+        m, k, n, _ = WGMMA_SHAPES[i]
+        dtype = getattr(ql, dt)
+        if scheme == "dynamic":
+            ok &= run_case(be, gemm, m, k, n, dtype, rng, wgmma=True)
+        else:
+            ok &= run_scheme_case(be, gemm, m, k, n, dtype, scheme, rng, wgmma=True)
     return ok
 
 
@@ -121,25 +232,38 @@ def zero_copy(be, rng):
     return ok
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer cases (racecheck is slow)")
     ap.add_argument("--backend", default="cuda", help="cuda (default); others to try it out")
     # racecheck looks at shared memory: torch's and CuPy's own kernels only cost it time.
     ap.add_argument("--no-interop", action="store_true",
                     help="skip the torch and CuPy zero-copy cases")
-    args = ap.parse_args()
-    be = ql.backend(args.backend)
+    ap.add_argument("--wgmma-sweep", action="store_true",
+                    help="only the wgmma GEMM: every dtype with every scheme (no sanitizer "
+                         "needed; the shared tests have few shapes that select it)")
+    args = ap.parse_args(argv)
+    try:
+        be = ql.backend(args.backend)
+    except ql.BackendUnavailable as e:
+        print(f"the {args.backend} backend is unavailable here: {e.reason}", file=sys.stderr)
+        return 2
+    gemm = Gemm(be)
     rng = np.random.default_rng(7)
-    ms, ks = (MS[:3], KS[:2]) if args.quick else (MS, KS)
-    dtypes = [ql.f16] if args.quick else [ql.f16, ql.bf16, ql.f32] + (
-        [ql.f64] if be.name != "wgpu" else [])
-    ok = all([run_case(be, m, k, N, dt, rng) for m in ms for k in ks for dt in dtypes])
-    cases = SCHEME_CASES[:1] if args.quick else SCHEME_CASES
-    ok &= all([run_scheme_case(be, m, k, N, getattr(ql, dt), sch, rng)
-               for m, k, dt, sch in cases])
-    if be.name == "cuda" and not args.no_interop:
-        ok &= zero_copy(be, rng)
+    if args.wgmma_sweep:
+        ok = run_wgmma_cases(be, gemm, wgmma_sweep(), rng)
+    else:
+        ms, ks = (MS[:3], KS[:2]) if args.quick else (MS, KS)
+        dtypes = [ql.f16] if args.quick else [ql.f16, ql.bf16, ql.f32] + (
+            [ql.f64] if be.name != "wgpu" else [])
+        ok = all([run_case(be, gemm, m, k, N, dt, rng) for m in ms for k in ks for dt in dtypes])
+        cases = SCHEME_CASES[:1] if args.quick else SCHEME_CASES
+        ok &= all([run_scheme_case(be, gemm, m, k, N, getattr(ql, dt), sch, rng)
+                   for m, k, dt, sch in cases])
+        ok &= run_wgmma_cases(be, gemm, WGMMA_CASES[:2] if args.quick else WGMMA_CASES, rng)
+        if be.name == "cuda" and not args.no_interop:
+            ok &= zero_copy(be, rng)
+    print(gemm.summary(), flush=True)
     print("all ok" if ok else "FAILURES", flush=True)
     return 0 if ok else 1
 
