@@ -237,6 +237,18 @@ def test_a_hopper_run_passes_its_maps_and_parameters(hopper):
     assert first["ints"] == [m, n, k, 1]
 
 
+def test_a_refused_tensor_map_launches_nothing(hopper, monkeypatch):
+    """The maps are made before the activation pass is launched: when the driver refuses
+    one, the caller's scratch has not been written."""
+    be, fake, rec = hopper
+    exe = be.linear_executable(ql.QuantizedLinearDescriptor(m=300, c_out=256, k=512,
+                                                            dtype=ql.f16))
+    monkeypatch.setattr(fake, "cuTensorMapEncodeTiled", lambda *args: (1, None))
+    with pytest.raises(ql.DeviceError, match="encoding the tensor map of 300 x 512 bytes"):
+        exe.run(_linear_tensors(be, 300, 256, 512, ql.f16))
+    assert not rec.launched and not fake.launches
+
+
 def test_misaligned_operands_take_the_mma_sync_fallback(hopper):
     be, fake, rec = hopper
     exe = be.linear_executable(ql.QuantizedLinearDescriptor(m=300, c_out=256, k=512,

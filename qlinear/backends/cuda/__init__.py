@@ -13,6 +13,10 @@ The kernels live in the top-level ``cuda/`` folder (shipped inside the wheel):
   overlap the activation pass (``+pdl`` in ``plan.sku`` while it is; ``qlinear info``
   says why not; ``QLINEAR_CUDA_PDL=0`` turns it off);
 - ``gemm_dp4a.cu``: the ``__dp4a`` GEMM of sm_75;
+- ``gemm_wgmma.cu``: the Hopper GEMM (sm_90a): ``wgmma`` from shared memory filled by
+  the tensor-memory copy engine, producer and consumer warpgroups, a persistent grid,
+  built from ``hopper.cuh``; selected only while the backend's ``wgmma`` switch is on
+  (``QLINEAR_CUDA_WGMMA=1``), until a GPU run has verified it;
 
 each with the dequantization (+ bias) epilogue fused, and, for the asymmetric schemes,
 the zero-point term ``acc - zp[m] * weight_colsum[n]`` before it (a compile-time variant
@@ -35,6 +39,8 @@ The modules, one concept each, from the sources up to the device:
 - :mod:`.memory`: device memory that is freed only after the device's work;
 - :mod:`.interop`: foreign arrays (``__cuda_array_interface__``, DLPack) and streams;
 - :mod:`.launcher`: launch configurations, programmatic dependent launch and why not;
+- :mod:`.tma`: tensor maps and the launch of kernels that take them by value;
+- :mod:`.wgmma`: the Hopper GEMM's switch, its functions and maps per backend;
 - :mod:`.executables`: what plans run, the launch glue;
 - :mod:`.backend`: :class:`CudaBackend` (device, tensors, kernel loading) and
   :func:`create`.
@@ -65,6 +71,7 @@ from .specs import act_spec as act_spec
 from .specs import dp4a_spec as dp4a_spec
 from .specs import gemm_mma_spec as gemm_mma_spec
 from .specs import gemv_spec as gemv_spec
+from .specs import wgmma_spec as wgmma_spec
 
 __all__ = [
     "CudaBackend",

@@ -134,25 +134,25 @@ class CudaLinearExecutable(Executable):
         zp, scale, z = _scheme_args(d.dtype, t.act_zp_scratch, t.input_scale,
                                     t.input_zero_point)
         s = self.be.stream(stream)
+        # The tensor maps are made before anything is launched: a driver error there
+        # leaves the caller's scratch untouched.
+        maps = self._maps(gemm, aqp, wqp) if gemm.tma_rows else ()
         self.be.launch(act, sel.act_grid, s, xp, aqp, ascp, zp, np.int32(d.m), np.int32(d.k),
                        np.int32(d.q_min), np.int32(d.q_max), scale, z)
         # Zero points and column sums only with an asymmetric scheme (None, so null,
         # otherwise): the byte-load GEMMs apply the term exactly when they are given.
-        if gemm.tma_rows:
-            self._launch_wgmma(gemm, s, aqp, wqp, (ascp, wsp, _ptr(t.bias), zp,
-                                                   _ptr(t.weight_colsum), yp), pair_ok)
+        if maps:
+            self.be.hopper.launch(gemm, self.be.kernel(gemm), sel.gemm_grid, s, maps,
+                                  (ascp, wsp, _ptr(t.bias), zp, _ptr(t.weight_colsum), yp),
+                                  (d.m, d.c_out, d.k, int(pair_ok)))
             return
         self.be.launch(gemm, sel.gemm_grid, s, aqp, ascp, wqp, wsp, _ptr(t.bias), zp,
                        _ptr(t.weight_colsum), yp,
                        np.int32(d.m), np.int32(d.c_out), np.int32(d.k), np.int32(pair_ok))
 
-    def _launch_wgmma(self, gemm: KernelSpec, stream: Any, aqp: int, wqp: int,
-                      pointers: tuple[int, ...], pair_ok: bool) -> None:
-        """The Hopper GEMM: the quantized activation and the weight as tensor maps (made
-        once per address, see :mod:`.tma`), then the kernel's other parameters."""
-        d, be = self.desc, self.be
+    def _maps(self, gemm: KernelSpec, aqp: int, wqp: int) -> tuple[Any, ...]:
+        """The Hopper GEMM's tensor maps of the quantized activation and the weight (made
+        once per address, see :mod:`.tma`)."""
+        d, maps = self.desc, self.be.hopper.maps
         box_a, box_w = gemm.tma_rows
-        maps = (be.hopper.maps.get(aqp, d.m, d.k, box_a),
-                be.hopper.maps.get(wqp, d.c_out, d.k, box_w))
-        be.hopper.launch(gemm, be.kernel(gemm), self.sel.gemm_grid, stream, maps, pointers,
-                         (d.m, d.c_out, d.k, int(pair_ok)))
+        return (maps.get(aqp, d.m, d.k, box_a), maps.get(wqp, d.c_out, d.k, box_w))

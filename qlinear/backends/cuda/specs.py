@@ -217,7 +217,7 @@ def wgmma_spec(dtype: DType, tile: str, zp: bool = False) -> KernelSpec:
     zp_arg, suffix = _zp(True, zp)
     return KernelSpec("gemm_wgmma.cu", "qlinear_gemm_wgmma",
                       (_CTYPES[dtype.name], str(bn), str(stages), zp_arg),
-                      WGMMA_THREADS, f"gemm_wgmma_{tile}x128_s{stages}{suffix}",
+                      WGMMA_THREADS, f"gemm_wgmma_{tile}x128_s{stages}_persistent{suffix}",
                       smem=wgmma_smem_bytes(bn, stages), tma_rows=(bm, bn))
 
 
