@@ -245,3 +245,30 @@ def test_options_from_limits():
                               "quantize_exact_only": False, "tile": None,
                               "max_storage_binding": 1 << 27, "max_workgroups_per_dim": 65535,
                               "max_workgroup_storage": 16384}
+
+
+def test_cpu_adapters_keep_the_k_loop_within_llvmpipe_s_budget():
+    """llvmpipe ends an invocation's loops after 65535 iterations of all of them together:
+    on a CPU adapter a tile whose K loop would run longer is passed over (the 8 x 8 tile
+    at the largest K; the f32 path deepens its step), on a GPU nothing changes."""
+    from qlinear.backends.wgpu.choose import CPU_LOOP_BUDGET, k_loop_iterations
+
+    k = ql.max_exact_k(-127, 127) // 16 * 16
+    desc = ql.QuantizedLinearDescriptor(80, 64, k, ql.f32)
+    assert k_loop_iterations(k, 128, 8, 32) > CPU_LOOP_BUDGET
+    big = choose_linear(desc, LAVAPIPE, options())
+    assert (big.block, big.tile, big.bk) == (64, 4, 32)
+    assert k_loop_iterations(k, 64, 4, 32) <= CPU_LOOP_BUDGET
+    assert choose_linear(ql.QuantizedLinearDescriptor(80, 64, 100000, ql.f32), LAVAPIPE,
+                         options()).block == 128  # within the budget: unchanged
+    assert choose_linear(desc, VULKAN_GPU, options(49152)).block == 128
+    fma = choose_linear(desc, LAVAPIPE, options(inner_product="fma"))
+    assert (fma.block, fma.bk) == (64, 16)
+    assert choose_linear(ql.QuantizedLinearDescriptor(80, 64, 4096, ql.f32), LAVAPIPE,
+                         options(inner_product="fma")).bk == 8
+    # Observed on lavapipe: the 8 x 8 tile summed the first 30833 words of every longer
+    # row, inside the 964th step of 32 words: the step in which the count reaches 65535.
+    assert k_loop_iterations(4 * 963 * 32, 128, 8, 32) <= 65535
+    assert k_loop_iterations(4 * 964 * 32, 128, 8, 32) > 65535
+    with pytest.raises(ql.Unsupported, match="loop iterations"):
+        choose_linear(desc, LAVAPIPE, options(wg_storage=4096, inner_product="fma"))

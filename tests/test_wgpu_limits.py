@@ -93,3 +93,19 @@ def test_workgroup_memory_is_checked(wgpu_be, rng):
         select_plan(wgpu_be, 40, 40, 40, ql.f32, max_workgroup_storage=64)
     with pytest.raises(ql.Unsupported, match="workgroup memory"):
         select_plan(wgpu_be, 4, 40, 40, ql.f32, max_workgroup_storage=64)
+
+
+@pytest.mark.parametrize("inner_product", ["dot4", "fma"])
+def test_the_longest_k_loops_are_summed_whole(wgpu_be, rng, inner_product):
+    """The largest K at a prefill M, extreme values: on lavapipe, whose loops stop after
+    65535 iterations in all, the chooser keeps the tiled GEMM's K loop under that (the
+    8 x 8 tile and the f32 path's step of 8 words would drop the end of every row)."""
+    k = ql.max_exact_k(-127, 127) // 16 * 16
+    m, n, dtype = 80, 6, ql.f32
+    x = np.ones((m, k), np.float32)
+    x[1::2] = -1
+    x[:, -1] = 0.5  # the last element too: a cut K loop loses it first
+    wq = np.full((n, k), -128, np.int8)
+    wq[1::2, ::3] = 127
+    with wgpu_be.configured(inner_product=inner_product):
+        linear(wgpu_be, x, wq, random_scale(rng, n, dtype), None, dtype, rng)

@@ -18,7 +18,8 @@ from .options import WgpuOptions
 
 __all__ = ["AdapterFacts", "Storage", "QuantChoice", "GemvChoice", "TiledChoice", "LinearChoice",
            "choose_quant", "choose_linear", "choose_storage", "inner_product",
-           "inner_product_why", "f16_native", "quantize_sku", "linear_sku", "DOT4_FAILED"]
+           "inner_product_why", "f16_native", "quantize_sku", "linear_sku", "DOT4_FAILED",
+           "CPU_LOOP_BUDGET", "k_loop_iterations"]
 
 # Adapter types that are GPUs; software adapters (lavapipe) report "CPU".
 _GPU_TYPES = ("DiscreteGPU", "IntegratedGPU", "VirtualGPU")
@@ -27,6 +28,12 @@ _TIN_KIND = {"f32": 0, "f16": 1, "bf16": 2}
 # SCHEME of rowquant.wgsl.
 _SCHEME_CODE = {ActivationScheme.DYNAMIC: 0, ActivationScheme.STATIC: 1,
                 ActivationScheme.STATIC_ASYM: 2, ActivationScheme.DYNAMIC_ASYM: 3}
+#: Loop iterations an invocation may run on a CPU adapter: llvmpipe (lavapipe) ends every
+#: loop of a shader invocation once 65535 iterations of all its loops together have run
+#: (Mesa's LP_MAX_TGSI_LOOP_ITERATIONS, shared by every loop of a shader), silently: a
+#: longer K loop would leave the rest of K out of the sum. Loops of constant trip count
+#: are unrolled before it counts; the tiled GEMMs' are not. A margin stays for the rest.
+CPU_LOOP_BUDGET = 65535 - 1024
 #: Why a plan takes the f32 path on an adapter whose dot4I8Packed failed the probe
 #: (``AdapterFacts.dot4_exact`` False): said in its sku.
 DOT4_FAILED = "f32 path: dot4I8Packed failed the probe"
@@ -323,8 +330,12 @@ def _choose_tiled(desc: QuantizedLinearDescriptor, facts: AdapterFacts, options:
     shapes = ([(128, 8)] if want8 else []) + [(64, 4), (32, 4)]
     # Deeper K steps mean fewer barriers, which lavapipe pays dearly for (measured
     # best: 32 words); GPUs keep a shallow, cache-friendly 8. gemm_f32 moves its f32
-    # sums into int32 every 256 words, so its step must divide 256.
-    bks = (8, 4, 2, 1) if facts.is_gpu or ip == "fma" else (32, 16, 8, 4, 2, 1)
+    # sums into int32 every 256 words, so its step must divide 256; on a CPU adapter it
+    # deepens to 16 where 8 would run past the loop budget.
+    if facts.is_gpu:
+        bks: tuple[int, ...] = (8, 4, 2, 1)
+    else:
+        bks = (8, 16, 4, 2, 1) if ip == "fma" else (32, 16, 8, 4, 2, 1)
     tried = []
     for block, tile in shapes:
         if (block // tile) ** 2 > inv:
@@ -332,12 +343,29 @@ def _choose_tiled(desc: QuantizedLinearDescriptor, facts: AdapterFacts, options:
             continue
         for bk in bks:
             mem = bk * 2 * block * word
+            loops = k_loop_iterations(desc.k, block, tile, bk)
+            if not facts.is_gpu and loops > CPU_LOOP_BUDGET:
+                tried.append(f"{block}x{block}x{bk * 4}: {loops} loop iterations")
+                continue
             tried.append(f"{block}x{block}x{bk * 4}: {mem} B")
             if mem <= wg_mem:
                 return TiledChoice(storage, ip, block, tile, bk, big_acc, why)
     raise Unsupported(
         f"workgroup memory: no GEMM tile fits the adapter's limit of {wg_mem} bytes and "
-        f"{inv} invocations per workgroup (tried {', '.join(tried)})")
+        f"{inv} invocations per workgroup"
+        f"{'' if facts.is_gpu else f' and {CPU_LOOP_BUDGET} loop iterations'} "
+        f"(tried {', '.join(tried)})")
+
+
+def k_loop_iterations(k: int, block: int, tile: int, bk: int) -> int:
+    """Loop iterations one invocation of the tiled GEMM runs over K (the count llvmpipe's
+    loop limit applies to): per step of ``bk`` words, the two staging loops
+    (``block * bk`` words over ``(block / tile)**2`` invocations each), the ``bk``
+    multiply-add steps, and one exit check per loop and for the step itself."""
+    words = -(-k // 4)
+    steps = -(-words // bk)
+    staging = -(-block * bk // (block // tile) ** 2)
+    return steps * (2 * staging + bk + 4)
 
 
 def quantize_sku(q: QuantChoice) -> str:
