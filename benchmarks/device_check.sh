@@ -31,10 +31,13 @@ export SUITE="tests/test_linear.py tests/test_quantize.py tests/test_schemes.py
   tests/test_layer_io.py tests/test_cuda_backend.py tests/test_bench_peers.py
   tests/test_plugin.py tests/test_torch_module.py
   tests/test_torch_swap.py tests/test_torch_fidelity.py tests/test_torch_compile.py"
-# The only shared tests with linear shapes that take the wgmma GEMM when it is on (M > 64,
-# K % 16 == 0: an encoder at M = 128 and 512, a layer at M = 100; bf16 and f32, the
-# default scheme), so sanitize_cases.py --wgmma-sweep runs every dtype and scheme after.
-export WGMMA_TESTS="tests/test_torch_fidelity.py tests/test_torch_module.py"
+# The shared tests with linear shapes that take the wgmma GEMM when it is on (M > 64,
+# K % 16 == 0): the prefill shapes of test_linear.py and test_schemes.py (every dtype and
+# scheme, odd edges, the largest K at M = 80), an encoder at M = 128 and 512 and a layer at
+# M = 100; sanitize_cases.py --wgmma-sweep runs every dtype x scheme at larger shapes after.
+export WGMMA_TESTS="tests/test_linear.py tests/test_schemes.py tests/test_torch_fidelity.py
+  tests/test_torch_module.py"
+export WGMMA_K="prefill or 130-272-136 or 65-48-5 or test_torch_fidelity or test_torch_module"
 export WGSL_TESTS="tests/test_linear.py tests/test_wgpu_backend.py tests/test_wgpu_numerics.py
   tests/test_wgpu_probe.py tests/test_wgpu_streams.py tests/test_wgpu_limits.py"
 mkdir -p "$OUT" "$QLINEAR_CACHE_DIR"
@@ -122,7 +125,8 @@ try:
     be = ql.backend("cuda")
 except ql.BackendUnavailable as e:
     raise SystemExit(f"the cuda backend is unavailable here: {e.reason}")
-shapes = [(128, 384, 384, ql.bf16), (128, 384, 1536, ql.bf16), (512, 1536, 384, ql.f32),
+shapes = [(65, 48, 5, ql.f16), (130, 272, 136, ql.bf16), (80, 132096, 2, ql.f32),
+          (128, 384, 384, ql.bf16), (128, 384, 1536, ql.bf16), (512, 1536, 384, ql.f32),
           (100, 64, 32, ql.f32)]
 took = 0
 for m, k, n, dt in shapes:
@@ -133,7 +137,7 @@ print(f"gemm: the tests' shapes take it at {took} of {len(shapes)}")
 EOF
   # shellcheck disable=SC2086
   "$PY" -m pytest -q -p no:cacheprovider --qlinear-backend=cuda --qlinear-require \
-    --maxfail=20 --durations=5 "${par[@]}" $WGMMA_TESTS || rc=1
+    --maxfail=20 --durations=5 "${par[@]}" -k "$WGMMA_K" $WGMMA_TESTS || rc=1
   gemm_note "$PY" benchmarks/sanitize_cases.py --wgmma-sweep || rc=1
   return $rc
 }

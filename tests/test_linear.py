@@ -24,6 +24,9 @@ DT_IDS = [d.name for d in DTYPES]
 @pytest.mark.parametrize("m,k,n", [
     (1, 1, 1), (1, 3, 5), (2, 4, 8), (3, 7, 2), (5, 16, 16), (17, 33, 9), (16, 64, 40),
     (33, 130, 65), (64, 256, 128), (7, 1023, 6), (9, 1025, 7), (4, 2051, 3),
+    # Prefill shapes (M > 64, K % 16 == 0: the Hopper GEMM's, where it is on), every edge
+    # partial: rows, columns (odd), the 128-byte k-tile.
+    (65, 48, 5), (130, 272, 136),
 ])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 def test_linear_matches_oracle(qlinear_backend, dtype, m, k, n, with_bias):
@@ -84,13 +87,16 @@ def test_tiny_rows_underflow(qlinear_backend, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-def test_extreme_accumulation_is_exact(qlinear_backend, dtype):
-    """|acc| close to 2**31: every q at q_max, every weight at -128, largest K allowed."""
+@pytest.mark.parametrize("m", [2, 80], ids=["m2", "prefill-m80"])
+def test_extreme_accumulation_is_exact(qlinear_backend, dtype, m):
+    """|acc| close to 2**31: every q at q_max, every weight at -128, largest K allowed (a
+    multiple of 16 at M = 80, so that prefill GEMMs with aligned-K paths take it too)."""
     rng = np.random.default_rng()
     k = ql.max_exact_k(-127, 127)
-    m, n = 2, 2
+    k -= k % 16 if m > 64 else 0
+    n = 2
     x = np.ones((m, k), dtype.numpy)
-    x[1] = -x[1]
+    x[1::2] = -x[1::2]
     wq = np.full((n, k), -128, np.int8)
     wq[1, ::3] = 127
     ws = random_scale(rng, n, dtype)

@@ -38,7 +38,7 @@ def static_constants(rng, x, scheme, q_min=-128, q_max=127):
 @pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 37, 5), (4, 64, 16), (16, 130, 24),
-                                   (33, 257, 65), (70, 1100, 9)])
+                                   (33, 257, 65), (70, 1100, 9), (130, 272, 136)])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 def test_scheme_matches_oracle(qlinear_backend, scheme, dtype, m, k, n, with_bias):
     rng = np.random.default_rng()
@@ -106,14 +106,17 @@ def test_static_zero_point_at_the_bounds(qlinear_backend, dtype, zp):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
-def test_asym_accumulation_at_the_k_bound(qlinear_backend, scheme):
-    """The largest K the scheme allows, every q and weight at an extreme: exact int32."""
+@pytest.mark.parametrize("m", [2, 80], ids=["m2", "prefill-m80"])
+def test_asym_accumulation_at_the_k_bound(qlinear_backend, scheme, m):
+    """The largest K the scheme allows, every q and weight at an extreme: exact int32 (K a
+    multiple of 16 at M = 80: the prefill GEMMs' aligned paths)."""
     rng = np.random.default_rng()
     k = ql.max_exact_k(-128, 127, scheme.asymmetric)
-    m, n, dtype = 2, 2, ql.f32
+    k -= k % 16 if m > 64 else 0
+    n, dtype = 2, ql.f32
     x = np.ones((m, k), np.float32)
-    x[1, ::2] = -1
-    x[0, -1] = -1  # a min below the max, so the asymmetric rule applies
+    x[1::2, ::2] = -1
+    x[0::2, -1] = -1  # a min below the max, so the asymmetric rule applies
     wq = np.full((n, k), -128, np.int8)
     wq[1, ::3] = 127
     s, z = (1.0 / 127, -128) if scheme.static else (None, None)
