@@ -116,6 +116,9 @@ def parse_args(argv=None):
     p.add_argument("--no-check", action="store_true",
                    help="skip the oracle check (not recommended)")
     p.add_argument("--json", metavar="FILE", help="write the rows as JSON")
+    p.add_argument("--no-wgmma", action="store_true",
+                   help="time the default plan only (device_check.sh passes it when the "
+                        "wgmma GEMM failed its smoke test)")
     args = p.parse_args(argv)
     if args.kn is not None:
         try:
@@ -272,7 +275,7 @@ def assert_same(got, want, what):
 class Shape:
     """The data of one (M, K, N, dtype) case, on the device, plus the runners."""
 
-    def __init__(self, be, torch, m, k, n, dtype, rng):
+    def __init__(self, be, torch, m, k, n, dtype, rng, wgmma=True):
         self.be, self.torch = be, torch
         self.m, self.k, self.n, self.dtype = m, k, n, dtype
         x = rng.standard_normal((m, k)) * 10.0 ** rng.uniform(-2, 2, size=(m, 1))
@@ -286,10 +289,11 @@ class Shape:
         # Where the switch changes nothing (decode shapes, other GPUs) there is no second
         # plan; where it fails to build one, the row says why and the rest is still timed.
         self.wgmma_error = ""
+        switched = None
         try:
-            switched = self._select(wgmma=True)
+            switched = self._select(wgmma=True) if wgmma else None
         except ql.QlinearError as e:
-            switched, self.wgmma_error = None, f"{type(e).__name__}: {e}"
+            self.wgmma_error = f"{type(e).__name__}: {e}"
         self.sku_wgmma = None if switched is None else switched.sku
         self.wplan = switched if switched is not None and is_wgmma(switched.sku) else None
         self.qplan = ql.DynamicRangeQuantizePlan.select(be, self.desc.activation_pass)
@@ -438,10 +442,12 @@ class Shape:
 
 def bench_shape(be, torch, timer, stream, m, k, n, dtype, args, copy_gbps, rng):
     """One table row."""
-    shape = Shape(be, torch, m, k, n, dtype, rng)
+    shape = Shape(be, torch, m, k, n, dtype, rng, wgmma=not args.no_wgmma)
     wgmma_check = "not checked" if shape.wplan is not None else "not selected"
     if not args.no_check:
         wgmma_check = shape.check(stream)
+    if args.no_wgmma:
+        wgmma_check = "not run (--no-wgmma)"
     if shape.wgmma_error:
         wgmma_check = f"FAILED: selecting the plan: {shape.wgmma_error}"
     flush = m <= DECODE_MAX_M

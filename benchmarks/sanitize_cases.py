@@ -15,6 +15,11 @@ each on torch and CuPy tensors on a non-default stream, where installed.
     compute-sanitizer --tool racecheck --error-exitcode 3 \
         python benchmarks/sanitize_cases.py --quick --no-interop
     python benchmarks/sanitize_cases.py --wgmma-sweep   # every dtype x scheme, wgmma on
+    python benchmarks/sanitize_cases.py --wgmma-smoke   # one small case per tile, first
+
+``--wgmma-smoke`` is the GPU run's first look at the wgmma GEMM (under a short time
+limit: a kernel that never finishes hangs the process); where it fails, the later steps
+pass ``--no-wgmma`` and the default GEMM's checks still run in full.
 """
 
 import argparse
@@ -52,6 +57,12 @@ WGMMA_CASES = [(0, "f16", "dynamic_asym"), (2, "bf16", "dynamic"), (1, "f32", "s
                (3, "f64", "static")]
 SCHEMES = ["dynamic", "static_asym", "static", "dynamic_asym"]  # zero points every other
 DTYPES = ["f16", "bf16", "f32", "f64"]
+
+
+#: ``--wgmma-smoke``: one small case per tile, (M, K, N, dtype name, scheme): 135 tiles of
+#: 128x256 (more than the 132 SMs: a block takes two) in one k-tile; 128x128 with a stage
+#: ring that wraps (9 k-tiles over 6 stages) and zero points.
+WGMMA_SMOKE = [(1100, 48, 3841, "f16", "dynamic"), (200, 1040, 600, "bf16", "dynamic_asym")]
 
 
 def wgmma_sweep():
@@ -239,6 +250,11 @@ def main(argv=None):
     # racecheck looks at shared memory: torch's and CuPy's own kernels only cost it time.
     ap.add_argument("--no-interop", action="store_true",
                     help="skip the torch and CuPy zero-copy cases")
+    ap.add_argument("--wgmma-smoke", action="store_true",
+                    help="only one small wgmma case per tile (a first look, under a short "
+                         "time limit)")
+    ap.add_argument("--no-wgmma", action="store_true",
+                    help="skip the wgmma cases (their smoke test failed)")
     ap.add_argument("--wgmma-sweep", action="store_true",
                     help="only the wgmma GEMM: every dtype with every scheme (no sanitizer "
                          "needed; the shared tests have few shapes that select it)")
@@ -250,7 +266,15 @@ def main(argv=None):
         return 2
     gemm = Gemm(be)
     rng = np.random.default_rng(7)
-    if args.wgmma_sweep:
+    if args.wgmma_smoke:
+        ok = True
+        for m, k, n, dt, scheme in WGMMA_SMOKE:
+            if scheme == "dynamic":
+                ok &= run_case(be, gemm, m, k, n, getattr(ql, dt), rng, wgmma=True)
+            else:
+                ok &= run_scheme_case(be, gemm, m, k, n, getattr(ql, dt), scheme, rng,
+                                      wgmma=True)
+    elif args.wgmma_sweep:
         ok = run_wgmma_cases(be, gemm, wgmma_sweep(), rng)
     else:
         ms, ks = (MS[:3], KS[:2]) if args.quick else (MS, KS)
@@ -260,7 +284,9 @@ def main(argv=None):
         cases = SCHEME_CASES[:1] if args.quick else SCHEME_CASES
         ok &= all([run_scheme_case(be, gemm, m, k, N, getattr(ql, dt), sch, rng)
                    for m, k, dt, sch in cases])
-        ok &= run_wgmma_cases(be, gemm, WGMMA_CASES[:2] if args.quick else WGMMA_CASES, rng)
+        if not args.no_wgmma:
+            ok &= run_wgmma_cases(be, gemm, WGMMA_CASES[:2] if args.quick else WGMMA_CASES,
+                                  rng)
         if be.name == "cuda" and not args.no_interop:
             ok &= zero_copy(be, rng)
     print(gemm.summary(), flush=True)

@@ -220,11 +220,11 @@ class FakeTimer:
         return self.medians_ms([fn], repeats, warmup, flush)[0]
 
 
-def _bench_row(be, m, k=64, n=40):
+def _bench_row(be, m, k=64, n=40, *extra):
     import qlinear as ql
 
     bench = _load()
-    args = bench.parse_args(["--m", str(m), "--kn", f"{k}x{n}", "--repeats", "2"])
+    args = bench.parse_args(["--m", str(m), "--kn", f"{k}x{n}", "--repeats", "2", *extra])
     timer = FakeTimer()
     row = bench.bench_shape(be, None, timer, None, m, k, n, ql.f16, args, 3000.0,
                             np.random.default_rng())
@@ -250,6 +250,16 @@ def test_no_wgmma_time_where_the_plan_does_not_take_it(be):
     bench, row, timer = _bench_row(be, m=16 if be.honours else 129)
     assert row["qlinear_wgmma_ms"] is None and row["wgmma_check"] == "not selected"
     assert row["sku_wgmma"] == row["sku"] and timer.groups[0] == 1
+
+
+def test_no_wgmma_times_the_default_plan_only():
+    """device_check.sh passes --no-wgmma when the wgmma GEMM failed its smoke test: no
+    plan with the switch on is even selected."""
+    be = FakeHopper()
+    bench, row, timer = _bench_row(be, 129, 64, 40, "--no-wgmma")
+    assert row["qlinear_wgmma_ms"] is None and row["sku_wgmma"] is None
+    assert row["wgmma_check"] == "not run (--no-wgmma)" and timer.groups[0] == 1
+    assert "gemm_wgmma" not in row["sku"] and row["qlinear_ms"] == 0.5
 
 
 def test_a_wgmma_plan_that_writes_nothing_fails_its_check(capsys):

@@ -67,8 +67,8 @@ def _steps() -> list[tuple[str, int, str, str]]:
 def test_device_check_steps_fit_one_call_most_valuable_first():
     steps = _steps()
     names = [s[0] for s in steps]
-    assert names == ["facts", "suite", "suite-wgmma", "memcheck", "racecheck", "bench", "wgsl",
-                     "wgsl-tests", "wgsl-bench"], names
+    assert names == ["facts", "suite", "wgmma-smoke", "suite-wgmma", "memcheck", "racecheck",
+                     "bench", "wgsl", "wgsl-tests", "wgsl-bench"], names
     total = sum(s[1] for s in steps)
     assert total <= BUDGET_S, f"step limits add up to {total} s, expected at most {BUDGET_S}"
     assert all(s[1] > 0 for s in steps)
@@ -154,16 +154,20 @@ def test_device_check_rehearsed_without_a_gpu_reaches_its_summary(tmp_path):
     assert summary[-1].startswith("total ")
     rows = _rows(out)
     assert list(rows) == [s[0] for s in _steps()], summary
-    for name in ("facts", "suite", "suite-wgmma", "memcheck", "racecheck", "bench"):
+    for name in ("facts", "suite", "wgmma-smoke", "memcheck", "racecheck", "bench"):
         # Nothing here to pass on; the row quotes why.
         assert re.search(r"FAILED \(exit \d+\): \S", rows[name]), rows[name]
+    # The smoke test failed, so the wgmma cases are left out of every later step.
+    assert "skipped: the wgmma GEMM failed its smoke test" in rows["suite-wgmma"]
+    for name in ("memcheck", "racecheck", "bench"):
+        assert "wgmma cases left out: its smoke test failed" in rows[name], rows[name]
     for name in ("wgsl", "wgsl-tests", "wgsl-bench"):
         assert "skipped: " in rows[name], rows[name]  # never a pass on a CPU adapter
     assert "nvidia-smi" in rows["facts"] and "needs an NVIDIA GPU" in rows["bench"]
-    assert rows["suite"].endswith("-- wgmma off") and rows["suite-wgmma"].endswith("-- wgmma on")
+    assert rows["suite"].endswith("-- wgmma off") and rows["wgmma-smoke"].endswith("-- wgmma on")
     log = (out / "suite-cuda.log").read_text()
-    assert log.count("--qlinear-require") == 2  # both suites refused to run on nothing
-    assert "the cuda backend is unavailable here" in log  # the wgmma sweep, without a trace
+    assert log.count("--qlinear-require") == 1  # the suite refused to run on nothing
+    assert "the cuda backend is unavailable here" in log  # the wgmma smoke, without a trace
     assert "Traceback" not in log
     assert "needs an NVIDIA GPU" in (out / "cuda_bench.log").read_text()
     assert "=== summary" in console and console.index("=== summary") > console.index("wgsl-bench")
@@ -175,6 +179,7 @@ def test_device_check_rehearsed_without_a_gpu_reaches_its_summary(tmp_path):
     ("bench,wgsl", {"bench", "wgsl", "wgsl-tests", "wgsl-bench"}),
     ("suite-wgmma,memcheck", {"suite-wgmma", "memcheck"}),
     ("suite", {"suite", "suite-wgmma"}),
+    ("wgmma", {"wgmma-smoke"}),
 ])
 def test_device_check_only_runs_the_named_steps(tmp_path, only, expected):
     out, _ = _rehearse(tmp_path, ONLY=only)
@@ -182,7 +187,8 @@ def test_device_check_only_runs_the_named_steps(tmp_path, only, expected):
     assert list(rows) == [s[0] for s in _steps()], rows
     ran = {n for n, ln in rows.items() if f"not run (ONLY={only})" not in ln}
     assert ran == expected, rows
-    assert (out / "suite-cuda.log").exists() == bool(expected & {"suite", "suite-wgmma"})
+    assert (out / "suite-cuda.log").exists() == bool(
+        expected & {"suite", "wgmma-smoke", "suite-wgmma"})
 
 
 def _function(name: str) -> str:
@@ -201,8 +207,13 @@ def test_device_check_says_which_gemm_each_cuda_step_runs():
     assert "export QLINEAR_CUDA_WGMMA=1" in wgmma and 'note "wgmma on"' in wgmma
     assert wgmma.index("export QLINEAR_CUDA_WGMMA=1") < wgmma.index("-m pytest")
     assert "sanitize_cases.py --wgmma-sweep" in wgmma
+    smoke = _function("wgmma_smoke")
+    assert "export QLINEAR_CUDA_WGMMA=1" in smoke and "--wgmma-smoke" in smoke
+    assert 'touch "$WORK/wgmma-ok"' in smoke  # only a pass lets the later steps run it
     for fn in ("memcheck", "racecheck", "bench"):
-        assert _function(fn).lstrip().startswith("gemm_note "), fn
+        body = re.sub(r"\\\n", " ", _function(fn))
+        assert "no_wgmma && off=(--no-wgmma)" in body, fn
+        assert re.search(r"^\s*gemm_note .+\"\$\{off\[@\]\}\"$", body, re.M), fn
     assert "gemm_note" in re.search(r"^export -f (.+)$", _text(), re.M).group(1).split()
 
 
