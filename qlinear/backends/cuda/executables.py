@@ -55,6 +55,7 @@ def _load(be: CudaBackend, *specs: KernelSpec) -> None:
     for spec in dict.fromkeys(specs):
         kernel = be.kernel(spec)
         if spec.tma_rows:
+            be.stream()  # the device current on this thread: functions are per context
             be.hopper.function(spec, kernel)
 
 
