@@ -28,6 +28,10 @@
 // Shared memory (dynamic, above 48 KiB: the host raises the kernel's limit), from a
 // 1024-byte aligned base: STAGES x [A tile 128 x 128 B | W tile BN x 128 B], then the
 // STAGES full and STAGES empty barriers. Tiles are 128-byte swizzled as hopper.cuh says.
+// Only the copy engine writes the tiles and only the tensor cores read them (both the
+// async proxy, ordered by the barriers), and the epilogue stores straight to global
+// memory, so no ordinary store ever feeds the async proxy: the one proxy fence needed is
+// the one that publishes the initialised barriers.
 #include "qlinear_common.cuh"
 #include "hopper.cuh"
 
