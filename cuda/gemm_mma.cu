@@ -169,12 +169,7 @@ qlinear_gemm_mma(const ql::s8_t* __restrict__ A, const T* __restrict__ a_scale,
                 const Bits b0 = store_bits<T>(dequant<T>(a0, sm, ws[ni][0], bias, n));
                 if (n + 1 < N) {
                     const Bits b1 = store_bits<T>(dequant<T>(a1, sm, ws[ni][1], bias, n + 1));
-                    if (pair_ok) {
-                        store_pair_bits(reinterpret_cast<Bits*>(yrow + n), b0, b1);
-                    } else {
-                        reinterpret_cast<Bits*>(yrow)[n] = b0;
-                        reinterpret_cast<Bits*>(yrow)[n + 1] = b1;
-                    }
+                    store_two_bits(reinterpret_cast<Bits*>(yrow), n, b0, b1, pair_ok);
                 } else {
                     reinterpret_cast<Bits*>(yrow)[n] = b0;
                 }

@@ -174,12 +174,7 @@ qlinear_gemm_wgmma(const __grid_constant__ ql::TmaMap map_a,
                     if (zp_on) a1 = zp_adjust(a1, zm, __ldg(w_colsum + n + 1));
                     const Bits b1 = store_bits<T>(
                         dequant<T>(a1, sm, load_elem(w_scale + n + 1), bias, n + 1));
-                    if (pair_ok) {
-                        store_pair_bits(reinterpret_cast<Bits*>(yrow + n), b0, b1);
-                    } else {
-                        reinterpret_cast<Bits*>(yrow)[n] = b0;
-                        reinterpret_cast<Bits*>(yrow)[n + 1] = b1;
-                    }
+                    store_two_bits(reinterpret_cast<Bits*>(yrow), n, b0, b1, pair_ok);
                 } else {
                     reinterpret_cast<Bits*>(yrow)[n] = b0;
                 }

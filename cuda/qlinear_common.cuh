@@ -128,6 +128,18 @@ __device__ __forceinline__ void store_pair_bits(u64_t* p, u64_t a, u64_t b) {
     *reinterpret_cast<ulonglong2*>(p) = make_ulonglong2(a, b);
 }
 
+// Outputs n and n + 1 of a row: in one store where the caller says pairs are aligned
+// (pair_ok: an even row length and a 2-element aligned base), else one at a time.
+template <typename Bits>
+__device__ __forceinline__ void store_two_bits(Bits* row, int n, Bits a, Bits b, int pair_ok) {
+    if (pair_ok) {
+        store_pair_bits(row + n, a, b);
+    } else {
+        row[n] = a;
+        row[n + 1] = b;
+    }
+}
+
 // ---------------------------------------------------------------------------------
 // The epilogue of the contract, step 5:
 //   y = ((C(acc) * C(scale_m)) * C(weight_scale_n)) (+ C(bias_n)), rounded once to T.
