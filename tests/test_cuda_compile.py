@@ -94,6 +94,10 @@ def test_every_kernel_compiles_without_spills(compiled, arch):
             problems.append(f"{spec.name_expression}: spills {report}")
         if report.get("stack", 1):
             problems.append(f"{spec.name_expression}: uses a stack frame {report}")
+        # Static shared memory within the 48 KiB a block gets without opting in; dynamic
+        # (spec.smem) comes on top, up to the device's opt-in limit (tests/test_cuda_wgmma.py).
+        if report.get("smem", 0) > 48 * 1024:
+            problems.append(f"{spec.name_expression}: {report['smem']} bytes of static smem")
         max_regs = 65536 // spec.threads
         if report.get("registers", 0) > min(255, max_regs):
             problems.append(f"{spec.name_expression}: {report['registers']} registers")
@@ -182,9 +186,13 @@ def test_ptxas_report_parses_the_log():
     log = ("ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90a'\n"
            "ptxas info    : Function properties for _Z3fooPf\n"
            "ptxas         .     8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
-           "ptxas info    : Used 40 registers, used 0 barriers\n")
-    assert qc.ptxas_report(log) == {"_Z3fooPf": {"arch": "sm_90a", "stack": 8, "spill_stores": 4,
-                                                  "spill_loads": 4, "registers": 40}}
+           "ptxas info    : Used 40 registers, used 0 barriers\n"
+           "ptxas info    : Compiling entry function '_Z3barPf' for 'sm_80'\n"
+           "ptxas info    : Used 128 registers, used 1 barriers, 49152 bytes smem\n")
+    assert qc.ptxas_report(log) == {
+        "_Z3fooPf": {"arch": "sm_90a", "stack": 8, "spill_stores": 4, "spill_loads": 4,
+                     "registers": 40, "smem": 0},
+        "_Z3barPf": {"arch": "sm_80", "registers": 128, "smem": 49152}}
 
 
 def _ptx(source: str, name: str, arch: str) -> str:

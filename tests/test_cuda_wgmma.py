@@ -93,6 +93,8 @@ def test_ptxas_gives_the_register_pool_the_hand_over_needs(cuda_variants):
         # 128 x 40 + 256 x 232 <= 384 x 168: the consumers' registers come from the pool
         # the producer gives back, so the kernel must start with the whole cap.
         assert report["registers"] == 168, report
+        # All of its shared memory is dynamic: the stage ring and its barriers.
+        assert report["smem"] == 0 and spec.smem <= HOPPER_SMEM_OPTIN, report
         cap = 65536 // 384 // 8 * 8
         assert 128 * 40 + 256 * 232 <= 384 * cap
         for warning in ("C7508", "C7510", "C7515", "serializ"):

@@ -244,11 +244,13 @@ _PTXAS_FUNC = re.compile(r"Compiling entry function '([^']+)' for '([^']+)'")
 _PTXAS_SPILL = re.compile(
     r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
 
 
 def ptxas_report(log: str) -> dict[str, dict[str, Any]]:
     """Per mangled kernel name, what ``ptxas -v`` said: ``registers``, ``stack``,
-    ``spill_stores``, ``spill_loads`` (bytes)."""
+    ``spill_stores``, ``spill_loads`` and static shared memory ``smem`` (bytes; 0 where
+    ptxas names none: the kernel's shared memory is all dynamic, or there is none)."""
     report: dict[str, dict[str, Any]] = {}
     current: dict[str, Any] | None = None
     for line in log.splitlines():
@@ -265,6 +267,8 @@ def ptxas_report(log: str) -> dict[str, dict[str, Any]]:
         m = _PTXAS_REGS.search(line)
         if m:
             current["registers"] = int(m.group(1))
+            smem = _PTXAS_SMEM.search(line)
+            current["smem"] = int(smem.group(1)) if smem else 0
     return report
 
 
