@@ -77,6 +77,31 @@ def same(got, want):
     return bool(np.all((g == w) | (np.isnan(g) & np.isnan(w))))
 
 
+def _classes(values, period):
+    """The residues ``values % period`` present, as ranges: "64-127", "5, 9-11"."""
+    found = np.unique(values % period).tolist()
+    runs, start = [], found[0]
+    for prev, cur in zip(found, found[1:] + [None]):
+        if cur is None or cur != prev + 1:
+            runs.append(f"{start}-{prev}" if prev > start else f"{start}")
+            start = cur
+    return ", ".join(runs[:8]) + (" ..." if len(runs) > 8 else "")
+
+
+def describe(got, want):
+    """Where an output differs from the oracle, for the log of a first GPU run: how many
+    elements, the first, and their rows mod 128 and columns mod 256 (a wrong tile edge,
+    fragment layout or k-range shows as a pattern there). "" where nothing differs."""
+    g, w = got.astype(np.float64), want.astype(np.float64)
+    bad = ~((g == w) | (np.isnan(g) & np.isnan(w)))
+    if not bad.any():
+        return ""
+    r, c = np.nonzero(bad)
+    return (f" [output: {int(bad.sum())} of {bad.size} differ, first at ({r[0]}, {c[0]}): "
+            f"{float(g[r[0], c[0]])} for {float(w[r[0], c[0]])}; rows mod 128: {_classes(r, 128)}; "
+            f"columns mod 256: {_classes(c, 256)}]")
+
+
 class Gemm:
     """Which GEMM the cases ask for and which their plans took."""
 
@@ -147,11 +172,12 @@ def run_case(be, gemm, m, k, n, dtype, rng, wgmma=False):
     plan.run(args)
     y, q, s = reference_linear(x, wq, ws, bias, dtype)
     wrong = gemm.check(plan.sku, wgmma)
+    out = be.to_numpy(args.output)
     ok = not wrong and (
-        same(be.to_numpy(args.output), y) and same(be.to_numpy(args.act_scale_scratch), s)
+        same(out, y) and same(be.to_numpy(args.act_scale_scratch), s)
         and (be.to_numpy(args.act_q_scratch).astype(np.int64) == q).all())
-    print(f"{'ok ' if ok else 'BAD'} M={m} K={k} N={n} {dtype.name} {plan.sku}{wrong}",
-          flush=True)
+    print(f"{'ok ' if ok else 'BAD'} M={m} K={k} N={n} {dtype.name} {plan.sku}{wrong}"
+          f"{describe(out, y)}", flush=True)
     return ok
 
 
@@ -186,8 +212,8 @@ def run_scheme_case(be, gemm, m, k, n, dtype, scheme, rng, wgmma=False):
     # Floats (bf16 is numpy kind "V") NaN where the other is NaN, integers equal.
     ok = not wrong and all(same(a, c) if a.dtype.kind in "fV" else bool((a == c).all())
                            for a, c in zip(*got))
-    print(f"{'ok ' if ok else 'BAD'} M={m} K={k} N={n} {dtype.name} {scheme} {skus[0]}{wrong}",
-          flush=True)
+    print(f"{'ok ' if ok else 'BAD'} M={m} K={k} N={n} {dtype.name} {scheme} {skus[0]}{wrong}"
+          f"{describe(got[0][0], got[1][0])}", flush=True)
     return ok
 
 
