@@ -376,3 +376,23 @@ def test_developers_md_lists_the_steps_and_limits_the_script_runs():
     section = text[text.index("## The GPU run: one call"):].split("\n## ")[0]
     table = re.findall(r"^\| ([\w-]+) \| (\d+) s \|", section, re.M)
     assert [(n, int(s)) for n, s in table] == [(n, s) for n, s, _, _ in _steps()]
+
+
+def test_a_failing_case_says_where_its_output_differs():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "sanitize_cases", ROOT / "benchmarks" / "sanitize_cases.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    want = np.random.default_rng().standard_normal((300, 600)).astype(np.float32)
+    assert mod.describe(want.copy(), want) == ""
+    got = want.copy()
+    got[64:128] += 1  # the second consumer warpgroup's rows of the first tile band
+    got[:, 9:12] = np.nan
+    text = mod.describe(got, want)
+    assert "differ, first at (0, 9)" in text
+    assert "rows mod 128: 0-127" in text and "columns mod 256: 0-255" in text
+    got = want.copy()
+    got[200:210, 300] = 0
+    assert "rows mod 128: 72-81; columns mod 256: 44]" in mod.describe(got, want)
