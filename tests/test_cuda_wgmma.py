@@ -158,6 +158,7 @@ class FakeDriver:
         def __getattr__(self, name):
             return name
 
+    cuuint64_t = cuuint32_t = int  # the real ones are checked in test_real_bindings_*
     CUtensorMapDataType = CUtensorMapInterleave = CUtensorMapSwizzle = _Enum()
     CUtensorMapL2promotion = CUtensorMapFloatOOBfill = CUfunction_attribute = _Enum()
 
@@ -269,6 +270,41 @@ def test_tensor_maps_refuse_what_the_copy_engine_cannot_do():
                                       (16, 0, 64, 128), (16, 10, 64, 300)]:
         with pytest.raises(InvalidProblem, match="tensor map: expected"):
             tma.encode_rows_map(ptr, rows, row_bytes, box)
+
+
+def _reaches_the_driver(call):
+    """Run ``call`` against the real cuda.bindings: its arguments must get through the
+    bindings' own conversions; here, without a driver, the call then fails to find
+    libcuda (on a machine with one it may succeed or return an error code)."""
+    try:
+        call()
+    except TypeError as e:  # the bindings refused an argument's type
+        raise AssertionError(f"cuda.bindings refused the arguments: {e}") from None
+    except Exception:
+        pass
+
+
+def test_real_bindings_take_the_tensor_map_arguments():
+    _reaches_the_driver(lambda: tma.encode_rows_map(1 << 20, 300, 512, 128))
+
+
+def test_real_bindings_take_the_launch_arguments():
+    from cuda.bindings import driver
+
+    class Map:
+        raw = (ctypes.c_uint64 * 16)()
+
+        def getPtr(self):  # noqa: N802
+            return ctypes.addressof(self.raw)
+
+    class Stream:
+        handle = driver.CUstream()
+
+    _reaches_the_driver(lambda: tma.launch_with_maps(
+        driver.CUfunction(), "k", (132,), 384, 197696, Stream(), (Map(), Map()),
+        (1 << 20,) * 6, (300, 4096, 512, 1)))
+    kernel = type("Kernel", (), {"handle": driver.CUkernel()})()
+    _reaches_the_driver(lambda: tma.kernel_function(kernel, 197696))
 
 
 def test_the_map_cache_keeps_the_latest(monkeypatch):

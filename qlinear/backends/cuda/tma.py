@@ -52,12 +52,14 @@ def encode_rows_map(ptr: int, rows: int, row_bytes: int, box_rows: int) -> Any:
             f"1..256 box rows, got address {ptr:#x}, {rows} rows of {row_bytes} bytes, "
             f"{box_rows} box rows")
     d = _driver()
+    # cuda.bindings takes these lists only as its own integer types, not as ints.
+    u64, u32 = d.cuuint64_t, d.cuuint32_t
     return cu_check(d.cuTensorMapEncodeTiled(
         d.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, ptr,
-        [row_bytes, rows],           # dimensions, innermost first
-        [row_bytes],                 # the pitch of every dimension but the innermost
-        [BOX_ROW_BYTES, box_rows],   # the box
-        [1, 1],                      # element strides: every element
+        [u64(row_bytes), u64(rows)],         # dimensions, innermost first
+        [u64(row_bytes)],                    # the pitch of every dimension but the innermost
+        [u32(BOX_ROW_BYTES), u32(box_rows)],  # the box
+        [u32(1), u32(1)],                    # element strides: every element
         d.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
         d.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
         d.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
