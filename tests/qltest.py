@@ -150,6 +150,11 @@ def check_linear(be, x, wq, ws, bias, dtype, q_min=-127, q_max=127, rng=None):
 
 # -- activation schemes (DESIGN.md, "Activation schemes"), restated row by row ------------
 
+#: The schemes besides the default that the scheme suites run, and their test ids.
+OTHER_SCHEMES = [ql.ActivationScheme.STATIC, ql.ActivationScheme.STATIC_ASYM,
+                 ql.ActivationScheme.DYNAMIC_ASYM]
+OTHER_SCHEME_IDS = [s.value for s in OTHER_SCHEMES]
+
 
 def _ct_scalar(dtype, v):
     return compute_type(dtype)(v)

@@ -6,6 +6,8 @@ import pytest
 
 import qlinear as ql
 from qltest import (
+    OTHER_SCHEME_IDS,
+    OTHER_SCHEMES,
     check_linear_scheme,
     check_quantize_scheme,
     oracle_linear_scheme,
@@ -18,8 +20,7 @@ from qltest import (
 )
 
 S = ql.ActivationScheme
-SCHEMES = [S.STATIC, S.STATIC_ASYM, S.DYNAMIC_ASYM]
-SCHEME_IDS = [s.value for s in SCHEMES]
+SCHEMES, SCHEME_IDS = OTHER_SCHEMES, OTHER_SCHEME_IDS
 DTYPES = [ql.f32, ql.f16, ql.bf16, ql.f64]
 DT_IDS = [d.name for d in DTYPES]
 

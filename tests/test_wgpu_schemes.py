@@ -15,6 +15,8 @@ import pytest
 
 import qlinear as ql
 from qltest import (
+    OTHER_SCHEME_IDS,
+    OTHER_SCHEMES,
     assert_bitwise_equal,
     check_linear_scheme,
     check_quantize_scheme,
@@ -28,8 +30,7 @@ from qltest import (
 from wgpu_helpers import dispatch_count
 
 S = ql.ActivationScheme
-SCHEMES = [S.STATIC, S.STATIC_ASYM, S.DYNAMIC_ASYM]
-IDS = [s.value for s in SCHEMES]
+SCHEMES, IDS = OTHER_SCHEMES, OTHER_SCHEME_IDS
 
 
 def constants(rng, x, scheme):
