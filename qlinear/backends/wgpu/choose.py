@@ -107,6 +107,8 @@ class QuantChoice:
     wg: int
     exact: bool
     scheme: ActivationScheme = ActivationScheme.DYNAMIC
+    #: The row's amax (min, max) reduced with subgroup operations, not workgroup atomics alone.
+    subgroups: bool = False
 
     family = "rowquant"
     entry = "main"
@@ -138,6 +140,8 @@ class GemvChoice:
     why: str = ""
     #: The epilogue takes the zero point's share out of the accumulators (ASYM).
     asym: bool = False
+    #: The K reduction runs through subgroup operations, not workgroup memory alone.
+    subgroups: bool = False
 
     family = "gemv"
     entry = "main"
@@ -181,6 +185,8 @@ class TiledChoice:
     why: str = ""
     #: The epilogue takes the zero point's share out of the accumulators (ASYM).
     asym: bool = False
+    #: The tiled GEMMs have no cross-invocation reduction: never subgroups.
+    subgroups = False
 
     splits_rows = True
 

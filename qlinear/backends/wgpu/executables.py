@@ -49,7 +49,8 @@ def _with_f16_note(g: PrecisionGuarantee, storage: Storage) -> PrecisionGuarante
 
 
 def _quant_pipeline(gpu: WgpuDevice, q: QuantChoice, q_min: int, q_max: int) -> Any:
-    return gpu.shaders.pipeline(q.family, q.storage.prelude, q.constants(q_min, q_max), q.entry)
+    return gpu.shaders.pipeline(q.family, q.storage.prelude, q.constants(q_min, q_max), q.entry,
+                                q.subgroups)
 
 
 class _WgpuExecutable(Executable):
@@ -123,7 +124,7 @@ class LinearExecutable(_WgpuExecutable):
             self.gpu, desc.k, desc.dtype.itemsize, self.options)
         self.gemm_pipelines = {
             has_bias: self.gpu.shaders.pipeline(c.family, c.storage.prelude,
-                                                c.constants(has_bias), c.entry)
+                                                c.constants(has_bias), c.entry, c.subgroups)
             for has_bias in (False, True)}
 
     def run(self, tensors: LinearTensors, stream: Any = None) -> None:

@@ -21,7 +21,7 @@ from .layouts import LAYOUTS, PARAMS_BINDING, Layout
 if TYPE_CHECKING:
     from .device import WgpuDevice
 
-__all__ = ["shader_source", "ShaderCache", "FAMILY_LAYOUT"]
+__all__ = ["shader_source", "ShaderCache", "FAMILY_LAYOUT", "TARGETS"]
 
 #: The bind group layout of each kernel family.
 FAMILY_LAYOUT = {"rowquant": "quant", "gemm_dot4": "linear", "gemm_f32": "linear",
@@ -35,10 +35,21 @@ _FAMILY_PARTS = {"rowquant": (), "gemv": ("linear_io.wgsl",),
 _STANDALONE = ("matmul_f32", "micro", "dot4_probe")
 
 
-def shader_source(family: str, elem: str = "words") -> str:
+#: The WGSL compilers sources are composed for: naga (wgpu) and Tint (Dawn: Chrome, Edge).
+TARGETS = ("naga", "tint")
+
+
+def shader_source(family: str, elem: str = "words", *, subgroups: bool = False,
+                  target: str = "naga") -> str:
     """The WGSL text of kernel ``family`` (a file of ``shaders/``) as compiled: the
     element-access prelude (``elem`` = "words" or "f16"), ``common.wgsl``, the GEMM
-    bindings and shared tile loads for GEMM families, then the family itself."""
+    bindings and shared tile loads for GEMM families, then the family itself.
+
+    ``subgroups`` composes the family's subgroup reductions instead of its
+    workgroup-memory ones; ``target`` is the compiler the text is for ("naga" or
+    "tint"): the ``enable`` directives differ between them."""
+    if target not in TARGETS:
+        raise InvalidProblem(f"target: expected one of {TARGETS}, got {target!r}")
     if family in _STANDALONE:
         return read_source("shaders", f"{family}.wgsl")
     if elem not in ("words", "f16"):
@@ -100,20 +111,20 @@ class ShaderCache:
         return lay
 
     def pipeline(self, family: str, elem: str, constants: Mapping[str, int],
-                 entry: str = "main") -> Any:
-        """The compute pipeline of ``family``'s ``entry`` with TIn prelude ``elem`` and
-        these override ``constants``."""
-        key = (family, elem, entry, tuple(sorted(constants.items())))
+                 entry: str = "main", subgroups: bool = False) -> Any:
+        """The compute pipeline of ``family``'s ``entry`` with TIn prelude ``elem``, these
+        override ``constants``, and subgroup reductions or not."""
+        key = (family, elem, entry, tuple(sorted(constants.items())), subgroups)
         pipe = self.pipelines.get(key)
         if pipe is None:
             with self._lock:
                 pipe = self.pipelines.get(key) or self._new_pipeline(key, family, elem,
-                                                                      constants, entry)
+                                                                      constants, entry, subgroups)
         return pipe
 
     def _new_pipeline(self, key: tuple, family: str, elem: str, constants: Mapping[str, int],
-                      entry: str) -> Any:
-        module = self.compile(shader_source(family, elem), label=family)
+                      entry: str, subgroups: bool) -> Any:
+        module = self.compile(shader_source(family, elem, subgroups=subgroups), label=family)
         _, layout = self.layout(LAYOUTS[FAMILY_LAYOUT[family]])
         with self.gpu.guard(f"creating the {family} pipeline"):
             pipe = self.gpu.device.create_compute_pipeline(
