@@ -158,8 +158,10 @@ def scheme_constants(desc: Descriptor, input_scale: Any,
     rounded to TIn, input_zero_point)``, each None where ``desc.scheme`` takes none (and
     then required to be None). For what keeps them beside a plan (a layer)."""
     given = {"input_scale": input_scale, "input_zero_point": input_zero_point}
+    args_type = (DynamicRangeQuantizeArgs if isinstance(desc, DynamicRangeQuantizeDescriptor)
+                 else QuantizedLinearArgs)
     scale, zp = (_check_scalar(desc, name, kind, presence, given[name])
-                 for name, _, kind, _, presence in expectations(QuantizedLinearArgs, desc)
+                 for name, _, kind, _, presence in expectations(args_type, desc)
                  if isinstance(kind, str))
     return (None if scale is None else float(scale)), (None if zp is None else int(zp))
 

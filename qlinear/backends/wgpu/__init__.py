@@ -51,10 +51,15 @@ Modules, one concept each (a module only imports those above it, but for type na
                   shader modules, bind group layouts and pipelines.
 ``device``        :class:`WgpuDevice`: the opened device, wgpu errors as DeviceError,
                   buffers, each thread's open batches, timestamps.
-``dispatch``      dispatch planning under the adapter's limits: binding sub-ranges,
-                  parameter blocks, bind groups, and the per-tensor-set run cache.
+``steps``         dispatch planning under the adapter's limits, as data: binding
+                  sub-ranges of named tensors and parameter blocks; no device.
+``design``        what a plan runs, as data: its kernels and its steps (pure).
+``program``       a design written out as JSON for another WebGPU implementation (a
+                  browser's Dawn: ``examples/web/``); no device.
+``dispatch``      steps realized on the device: parameter buffers, bind groups, and the
+                  per-tensor-set run cache.
 ``streams``       :class:`Batch` and encoding into None / a batch / a command encoder.
-``executables``   what plans run, built from the choosers, dispatch and shader modules.
+``executables``   what plans run: a design's pipelines compiled, its steps realized.
 ``probe``         the dot4I8Packed probe: edge values against numpy's answers.
 ``quiet``         adapter creation without window-system errors or driver log noise.
 ``tensors``       the buffer layout of tensors (padded s8 rows), uploads and read-backs.
@@ -74,9 +79,10 @@ from .choose import (
     choose_quant,
 )
 from .options import WgpuOptions
+from .program import Program, linear_program, quantize_program
 from .shaders import shader_source
 from .streams import Batch
 
 __all__ = ["WgpuBackend", "Batch", "create", "WgpuOptions", "AdapterFacts", "Storage",
            "QuantChoice", "GemvChoice", "TiledChoice", "choose_quant", "choose_linear",
-           "shader_source"]
+           "shader_source", "Program", "linear_program", "quantize_program"]

@@ -1,12 +1,12 @@
 """What wgpu plans run: the activation pass alone, or the activation pass and a GEMM in
-one compute pass. Each keeps the options it was selected with, its pipelines, and the
-bind groups of the tensor sets it ran on."""
+one compute pass. Each keeps the design it was selected with (:mod:`.design`: kernels and
+dispatch planning as data), its compiled pipelines, and the bind groups of the tensor
+sets it ran on."""
 
 from __future__ import annotations
 
 import dataclasses
-import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ...problem import (
@@ -17,24 +17,34 @@ from ...problem import (
 )
 from ...tensors import Tensor
 from ..base import Executable, PrecisionGuarantee
-from . import dispatch
-from .choose import QuantChoice, Storage, choose_linear, choose_quant, linear_sku, quantize_sku
+from .choose import Storage
+from .design import Kernel, LinearDesign, QuantDesign
 from .device import WgpuDevice
-from .dispatch import Dispatches, RunCache
+from .dispatch import Dispatches, RunCache, realize
+from .steps import Placed
 from .streams import encode
 
 if TYPE_CHECKING:
     from .backend import WgpuBackend
 
-__all__ = ["QuantizeExecutable", "LinearExecutable"]
+__all__ = ["QuantizeExecutable", "LinearExecutable", "placed"]
 
 # The host scalars of a bundle: they travel in the parameter blocks, so they key the run
 # cache beside the tensors.
 _SCALARS = ("input_scale", "input_zero_point")
-# Every tensor of a linear bundle, in field order (bias and the zero-point tensors may be
-# None): the run cache key.
-_LINEAR_TENSORS = operator.attrgetter(
-    *(f.name for f in dataclasses.fields(LinearTensors) if f.name not in _SCALARS))
+
+
+def _tensor_fields(bundle: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(bundle) if f.name not in _SCALARS)
+
+
+_LINEAR_FIELDS = _tensor_fields(LinearTensors)
+_QUANT_FIELDS = _tensor_fields(QuantizeTensors)
+
+
+def placed(tensors: Mapping[str, Tensor | None]) -> dict[str, Placed]:
+    """The planner's view of a bundle's tensors: (name, byte offset in its buffer)."""
+    return {k: None if t is None else (k, int(t.buffer_offset or 0)) for k, t in tensors.items()}
 
 
 def _with_f16_note(g: PrecisionGuarantee, storage: Storage) -> PrecisionGuarantee:
@@ -48,9 +58,8 @@ def _with_f16_note(g: PrecisionGuarantee, storage: Storage) -> PrecisionGuarante
                  "f16 scales and outputs (f16_storage='packed' is integer-only).")
 
 
-def _quant_pipeline(gpu: WgpuDevice, q: QuantChoice, q_min: int, q_max: int) -> Any:
-    return gpu.shaders.pipeline(q.family, q.storage.prelude, q.constants(q_min, q_max), q.entry,
-                                q.subgroups)
+def _pipeline(gpu: WgpuDevice, k: Kernel) -> Any:
+    return gpu.shaders.pipeline(k.family, k.elem, dict(k.constants), k.entry, k.subgroups)
 
 
 class _WgpuExecutable(Executable):
@@ -63,11 +72,15 @@ class _WgpuExecutable(Executable):
         self.options = be.options
         self._runs = RunCache()
 
-    def _cached(self, tensors: Sequence[Tensor | None], build: Callable[[], Dispatches],
-                scalars: Any = None) -> Dispatches:
-        present = [t for t in tensors if t is not None]
+    def _cached(self, bundle: Any, fields: tuple[str, ...],
+                build: Callable[[dict[str, Tensor | None]], Dispatches]) -> Dispatches:
+        tensors = {f: getattr(bundle, f) for f in fields}
+        present = [t for t in tensors.values() if t is not None]
+        # A bias-less run of the same tensors has its own entry: the key's length differs.
         key = tuple((id(t.memory), t.buffer_offset) for t in present)
-        return self._runs.lookup([t.memory for t in present], key, build, scalars)
+        scalars = tuple(getattr(bundle, s) for s in _SCALARS)
+        return self._runs.lookup([t.memory for t in present], key, lambda: build(tensors),
+                                 scalars)
 
     def _encode(self, stream: Any, dispatches: Dispatches) -> None:
         encode(self.be, stream, self.sku, dispatches)
@@ -84,21 +97,20 @@ class QuantizeExecutable(_WgpuExecutable):
 
     def __init__(self, be: WgpuBackend, desc: DynamicRangeQuantizeDescriptor):
         super().__init__(be, desc)
-        self.choice = choose_quant(desc, be.facts, self.options)
-        self.sku = quantize_sku(self.choice)
+        self.design = QuantDesign.make(desc, be.facts, self.options, self.gpu.align)
+        self.choice = self.design.choice
+        self.sku = self.design.sku
         self.precision_guarantee = _with_f16_note(self.precision_guarantee, self.choice.storage)
-        self.pipeline = _quant_pipeline(self.gpu, self.choice, desc.q_min, desc.q_max)
-        self.rows_per_dispatch = dispatch.quant_rows_per_dispatch(
-            self.gpu, desc.k, desc.dtype.itemsize, self.options)
+        self.pipeline = _pipeline(self.gpu, self.design.kernel)
 
     def run(self, tensors: QuantizeTensors, stream: Any = None) -> None:
         t = tensors
-        x, q, s, zp = t.activation, t.act_q, t.act_scale, t.act_zp
-        scalars = (t.input_scale, t.input_zero_point)
-        d = self._cached((x, q, s, zp), lambda: dispatch.quant_dispatches(
-            self.gpu, self.pipeline, self.desc, self.rows_per_dispatch, x, q, s, zp,
-            *scalars), scalars)
-        self._encode(stream, d)
+
+        def build(named: dict[str, Tensor | None]) -> Dispatches:
+            steps = self.design.steps(placed(named), t.input_scale, t.input_zero_point)
+            return realize(self.gpu, self.pipeline, steps, named)
+
+        self._encode(stream, self._cached(t, _QUANT_FIELDS, build))
 
 
 class LinearExecutable(_WgpuExecutable):
@@ -114,31 +126,21 @@ class LinearExecutable(_WgpuExecutable):
 
     def __init__(self, be: WgpuBackend, desc: QuantizedLinearDescriptor):
         super().__init__(be, desc)
-        act = desc.activation_pass
-        self.choice = c = choose_linear(desc, be.facts, self.options)
-        self.quant_choice = choose_quant(act, be.facts, self.options)
-        self.sku = linear_sku(self.quant_choice, c)
-        self.precision_guarantee = _with_f16_note(self.precision_guarantee, c.storage)
-        self.quant_pipeline = _quant_pipeline(self.gpu, self.quant_choice, desc.q_min, desc.q_max)
-        self.quant_rows = dispatch.quant_rows_per_dispatch(
-            self.gpu, desc.k, desc.dtype.itemsize, self.options)
-        self.gemm_pipelines = {
-            has_bias: self.gpu.shaders.pipeline(c.family, c.storage.prelude,
-                                                c.constants(has_bias), c.entry, c.subgroups)
-            for has_bias in (False, True)}
+        self.design = d = LinearDesign.make(desc, be.facts, self.options, self.gpu.align)
+        self.choice = d.gemm
+        self.quant_choice = d.quant
+        self.sku = d.sku
+        self.precision_guarantee = _with_f16_note(self.precision_guarantee, d.gemm.storage)
+        self.quant_pipeline = _pipeline(self.gpu, d.quant_kernel)
+        self.gemm_pipelines = {has_bias: _pipeline(self.gpu, d.gemm_kernel(has_bias))
+                               for has_bias in (False, True)}
 
     def run(self, tensors: LinearTensors, stream: Any = None) -> None:
-        # A bias-less run of the same tensors has its own entry: the key's length differs.
-        d = self._cached(_LINEAR_TENSORS(tensors), lambda: self._build(tensors),
-                         (tensors.input_scale, tensors.input_zero_point))
-        self._encode(stream, d)
+        t = tensors
 
-    def _build(self, t: LinearTensors) -> Dispatches:
-        desc = self.desc
-        quant = dispatch.quant_dispatches(self.gpu, self.quant_pipeline, desc.activation_pass,
-                                          self.quant_rows, t.activation, t.act_q_scratch,
-                                          t.act_scale_scratch, t.act_zp_scratch, t.input_scale,
-                                          t.input_zero_point)
-        gemm = dispatch.gemm_dispatches(self.gpu, self.gemm_pipelines[t.bias is not None],
-                                        self.choice, desc, t, self.options)
-        return quant + gemm
+        def build(named: dict[str, Tensor | None]) -> Dispatches:
+            quant, gemm = self.design.steps(placed(named), t.input_scale, t.input_zero_point)
+            return (realize(self.gpu, self.quant_pipeline, quant, named)
+                    + realize(self.gpu, self.gemm_pipelines[t.bias is not None], gemm, named))
+
+        self._encode(stream, self._cached(t, _LINEAR_FIELDS, build))
