@@ -2,9 +2,15 @@
 // so each weight word is read once: a workgroup owns CG columns, KL invocations
 // share the K range of each column, and every weight word loaded is used for all M
 // rows while the M activation rows (a few KiB) stay in cache. The KL per-invocation
-// int32 sums of a column are parked in workgroup memory and added up by one
-// invocation per row (integer adds: exact in any order), then the epilogue stores
-// pairs of columns.
+// int32 sums of a column are added up by reduce_rows (integer adds: exact in any
+// order), then the epilogue stores pairs of columns.
+//
+// The reduction is composed in from one of two files, which both define
+// reduce_rows(g, tid, kl, c, v) (every invocation calls it for each group of four rows
+// g with 4g < MROWS, in uniform control flow; the sums are complete when the last call
+// returns) and row_sum(m, c) (the K sum of row m, column c of the workgroup):
+// gemv_reduce.wgsl through workgroup memory, gemv_reduce_sg.wgsl with subgroup
+// operations where the adapter has them.
 //
 // The M rows are accumulated in four vec4 registers, written out row by row under
 // constant MROWS guards rather than as an indexed array, so that no compiler has a
@@ -18,9 +24,6 @@ override CG: u32 = 8u;       // even
 override MROWS: u32 = 1u;    // M of the plan, 1..16
 override STRATEGY: u32 = 0u;
 const CHUNK_WORDS: u32 = 256u;
-
-var<workgroup> part: array<vec4<i32>, KL * CG>;
-var<workgroup> sums: array<i32, 16u * CG>;
 
 // dot4I8Packed of activation row m, word w with b; 0 past MROWS.
 fn ip4(m: u32, w: u32, b: u32) -> i32 {
@@ -46,11 +49,13 @@ fn frows4(m0: u32, w: u32, b: vec4<f32>) -> vec4<f32> {
     return vec4<f32>(fp4(m0, w, b), fp4(m0 + 1u, w, b), fp4(m0 + 2u, w, b), fp4(m0 + 3u, w, b));
 }
 
-@compute @workgroup_size(KL, CG)
-fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-    let kl = lid.x;
-    let c = lid.y;
-    let tid = c * KL + kl;
+// One-dimensional, K lane kl of column c being invocation c * KL + kl: implementations
+// that form subgroups along x only (lavapipe) then group invocations as the others do,
+// by that index.
+@compute @workgroup_size(KL * CG)
+fn main(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let kl = tid % KL;
+    let c = tid / KL;
     let col0 = wid.x * CG;
     let col = col0 + c;
     var acc0 = vec4<i32>(0);
@@ -97,8 +102,7 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
             }
         }
     }
-    // Four rows per round: every invocation parks its vec4, then invocation kl < 4 of
-    // each column adds the KL partial sums of row 4g + kl.
+    // Four rows per round.
     for (var g = 0u; g < 4u; g = g + 1u) {
         if (g * 4u < MROWS) {
             var v = acc0;
@@ -109,16 +113,7 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
             } else if (g == 3u) {
                 v = acc3;
             }
-            part[c * KL + kl] = v;
-            workgroupBarrier();
-            if (kl < 4u && g * 4u + kl < MROWS) {
-                var t = 0;
-                for (var j = 0u; j < KL; j = j + 1u) {
-                    t = t + part[c * KL + j][kl];
-                }
-                sums[(g * 4u + kl) * CG + c] = t;
-            }
-            workgroupBarrier();
+            reduce_rows(g, tid, kl, c, v);
         }
     }
     let pairs = CG / 2u;
@@ -129,7 +124,7 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
         if (cc < p.n) {
             let two = cc + 1u < p.n;
             store_pair(m, cc, row_scale(m), col_params(cc), col_params(min(cc + 1u, p.n - 1u)),
-                       sums[m * CG + cp], sums[m * CG + cp + 1u], two);
+                       row_sum(m, cp), row_sum(m, cp + 1u), two);
         }
     }
 }

@@ -4,6 +4,11 @@
 // rounded half to even, offset by the zero point, clamped and packed four int8 per
 // u32 word. Rows of act_q are padded to whole words with zeros.
 //
+// The row's amax (and min and max keys) reach the workgroup atomics below through
+// reduce_row(tid, m, kmin, kmax), composed in from rowquant_reduce.wgsl (one atomic per
+// invocation) or rowquant_reduce_sg.wgsl (one per subgroup, where the adapter has
+// subgroups); max and min are exact in any order.
+//
 // SCHEME picks the activation scheme (a pipeline variant, fixed when a plan is selected):
 // 0 dynamic: scale = amax / q_max correctly rounded, stored rounded to TIn;
 // 1 static, 2 static_asym: the given scale p.in_scale (f32 bits of the TIn value) and
@@ -134,11 +139,7 @@ fn main(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: v
             kmax = max(kmax, order_key(b));
         }
     }
-    atomicMax(&red, m);
-    if (SCHEME == DYNAMIC_ASYM) {
-        atomicMin(&red_min, kmin);
-        atomicMax(&red_max, kmax);
-    }
+    reduce_row(tid, m, kmin, kmax);
     workgroupBarrier();
     if (tid == 0u) {
         stats_shared = vec3<u32>(atomicLoad(&red), atomicLoad(&red_min), atomicLoad(&red_max));

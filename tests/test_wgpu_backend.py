@@ -96,7 +96,7 @@ def test_info_and_facts(wgpu_be):
 def test_plans_keep_the_options_they_were_selected_with(wgpu_be):
     before = wgpu_be.settings()
     assert set(before) == {"inner_product", "f16_storage", "quantize_exact_only", "tile",
-                           "max_storage_binding", "max_workgroups_per_dim",
+                           "subgroups", "max_storage_binding", "max_workgroups_per_dim",
                            "max_workgroup_storage"}
     plan = select_plan(wgpu_be, 200, 40, 40, ql.f32, tile="8x8", inner_product="dot4")
     assert wgpu_be.settings() == before

@@ -233,8 +233,8 @@ def test_options_are_checked_in_one_place():
     with pytest.raises(FrozenInstanceError):
         opts.tile = "8x8"
     assert list(opts.as_dict()) == [
-        "inner_product", "f16_storage", "quantize_exact_only", "tile", "max_storage_binding",
-        "max_workgroups_per_dim", "max_workgroup_storage"]
+        "inner_product", "f16_storage", "quantize_exact_only", "tile", "subgroups",
+        "max_storage_binding", "max_workgroups_per_dim", "max_workgroup_storage"]
 
 
 def test_options_from_limits():
@@ -242,7 +242,7 @@ def test_options_from_limits():
                                     "max-compute-workgroups-per-dimension": 65535,
                                     "max-compute-workgroup-storage-size": 16384})
     assert opts.as_dict() == {"inner_product": None, "f16_storage": None,
-                              "quantize_exact_only": False, "tile": None,
+                              "quantize_exact_only": False, "tile": None, "subgroups": None,
                               "max_storage_binding": 1 << 27, "max_workgroups_per_dim": 65535,
                               "max_workgroup_storage": 16384}
 

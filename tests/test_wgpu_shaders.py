@@ -30,6 +30,56 @@ def test_shader_composition(wgpu_be):
         wgpu_be.shader_source("rowquant", "f64")
 
 
+_SUBGROUP_BUILTINS = re.compile(r"\bsubgroup\w*\s*\(")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_LAYOUT))
+@pytest.mark.parametrize("elem", ["words", "f16"])
+def test_sources_without_subgroups_use_none(family, elem):
+    """What adapters without the feature compile: no subgroup builtin, no directive, and
+    the same text for naga and Tint."""
+    naga = shader_source(family, elem)
+    assert not _SUBGROUP_BUILTINS.search(_COMMENT.sub("", naga))
+    assert "enable subgroups" not in naga
+    assert shader_source(family, elem, target="tint") == naga
+
+
+@pytest.mark.parametrize("family,uses", [("gemv", {"subgroupAdd", "subgroupMin", "subgroupMax"}),
+                                         ("rowquant", {"subgroupMin", "subgroupMax"})])
+@pytest.mark.parametrize("elem", ["words", "f16"])
+def test_subgroup_sources_swap_only_the_reduction(family, uses, elem):
+    """The subgroup variant is the same kernel with the other reduction file: Tint gets
+    the ``enable subgroups;`` directive first (before ``enable f16;``), naga never."""
+    plain = shader_source(family, elem)
+    naga = shader_source(family, elem, subgroups=True)
+    tint = shader_source(family, elem, subgroups=True, target="tint")
+    assert tint == "enable subgroups;\n" + naga
+    assert "enable subgroups" not in naga
+    assert naga.startswith("enable f16;") == (elem == "f16")
+    found = {m.rstrip(" (") for m in _SUBGROUP_BUILTINS.findall(_COMMENT.sub("", naga))}
+    assert found == uses
+    own = read_source("shaders", f"{family}.wgsl")
+    wg, sg = (read_source("shaders", f"{family}_reduce{s}.wgsl") for s in ("", "_sg"))
+    assert plain.endswith(own + "\n" + wg) and naga.endswith(own + "\n" + sg)
+    assert plain[:-len(wg)] == naga[:-len(sg)]
+    # Both reduction files define the functions the kernel calls, and nothing else.
+    names = {f: set(re.findall(r"\bfn\s+(\w+)", f)) for f in (wg, sg)}
+    assert names[wg] == names[sg] and names[wg] <= set(re.findall(r"\b(\w+)\(", own))
+
+
+def test_subgroups_only_where_a_family_reduces(wgpu_be):
+    for family in ("gemm_dot4", "gemm_f32", "matmul_f32", "micro"):
+        with pytest.raises(ql.InvalidProblem, match=f"subgroups: expected False for family "
+                                                    f"'{family}'"):
+            shader_source(family, subgroups=True)
+    with pytest.raises(ql.InvalidProblem, match="target: expected one of"):
+        shader_source("gemv", target="dawn")
+    if not wgpu_be.facts.subgroups:
+        pytest.skip(f"adapter {wgpu_be.device_name} has no subgroup feature")
+    for family in ("rowquant", "gemv"):
+        wgpu_be.compile_wgsl(shader_source(family, subgroups=True), family)
+
+
 # -- the Python side of the WGSL interfaces (no adapter) ---------------------------------
 
 _COMMENT = re.compile(r"//[^\n]*")

@@ -113,8 +113,9 @@ class WgpuBackend(Backend):
                 f"({self.backend_type}, {self.adapter_type})")
 
     def info(self) -> dict[str, Any]:
-        """Adapter, type, limits, features, and how the choosers are set (the kernels they
-        pick for typical shapes are in :func:`qlinear.plans.typical_plans`)."""
+        """Adapter, type, limits, features, and how the choosers are set (inner product,
+        f16 storage, whether reductions use subgroup operations; the kernels they pick for
+        typical shapes are in :func:`qlinear.plans.typical_plans`)."""
         return {
             "device": self.device_name,
             "adapter": dict(self.adapter_info),
@@ -129,6 +130,7 @@ class WgpuBackend(Backend):
             "inner_product": inner_product(self.facts, self.options),
             "dot4_probe": self.dot4_probe.describe(),
             "f16_storage": f16_native(self.facts, self.options) and "native" or "packed",
+            "subgroups": self.options.use_subgroups(self.facts.subgroups),
         }
 
     def settings(self) -> dict[str, Any]:
@@ -140,7 +142,9 @@ class WgpuBackend(Backend):
         """Temporarily change how plans selected inside the block, by the calling thread,
         are made, for tests and experiments; restored on exit. Keys: the fields of
         :class:`WgpuOptions` (``inner_product``, ``f16_storage``, ``quantize_exact_only``,
-        ``tile``, and the limits ``max_storage_binding``, ``max_workgroups_per_dim``,
+        ``tile``, ``subgroups`` (None: where the adapter has them; True: required,
+        :class:`Unsupported` at selection on an adapter without; False: never), and the
+        limits ``max_storage_binding``, ``max_workgroups_per_dim``,
         ``max_workgroup_storage``); an unknown key or a value out of range raises
         :class:`InvalidProblem`. Plans keep the options they were selected with."""
         old = getattr(self._configured, "options", None)
@@ -287,7 +291,7 @@ class WgpuBackend(Backend):
 
 def create() -> WgpuBackend:
     """The wgpu backend on the best adapter (high-performance preference), with the
-    adapter's maximum limits and ``shader-f16`` where offered.
+    adapter's maximum limits and ``shader-f16`` and ``subgroup`` where offered.
 
     Raises :class:`BackendUnavailable` when wgpu is missing or finds no adapter."""
     hint = install_hint("wgpu")
@@ -307,8 +311,9 @@ def _open(wgpu: Any, hint: str) -> WgpuBackend:
                                  hint) from None
     if adapter is None:
         raise BackendUnavailable("wgpu", "no adapter found", hint)
-    features = [f for f in ("shader-f16", "timestamp-query", "timestamp-query-inside-encoders")
-                if f in adapter.features]
+    # "subgroup" is wgpu's name of WebGPU's "subgroups": the reductions use it where offered.
+    features = [f for f in ("shader-f16", "subgroup", "timestamp-query",
+                            "timestamp-query-inside-encoders") if f in adapter.features]
     limits = {k: adapter.limits[k] for k in adapter.limits}
     try:
         device = adapter.request_device_sync(required_features=features, required_limits=limits)

@@ -46,7 +46,7 @@ class AdapterFacts:
     Attributes:
         is_gpu: a GPU, not a CPU adapter such as lavapipe (which prefers other shapes).
         backend_type: the driver API wgpu runs on: "Vulkan", "Metal", "D3D12", "OpenGL".
-        features: the device features (``"shader-f16"``, ...).
+        features: the device features (``"shader-f16"``, ...), as wgpu or WebGPU names them.
         max_invocations_per_workgroup, max_workgroup_size_x, max_workgroup_size_y: limits.
         dot4_exact: False where the adapter got ``dot4I8Packed`` wrong on the probe's edge
             values (:mod:`qlinear.backends.wgpu.probe`): its plans take the f32 path.
@@ -71,6 +71,11 @@ class AdapterFacts:
                    max_workgroup_size_x=int(limits["max-compute-workgroup-size-x"]),
                    max_workgroup_size_y=int(limits["max-compute-workgroup-size-y"]),
                    dot4_exact=bool(dot4_exact))
+
+    @property
+    def subgroups(self) -> bool:
+        """Whether the device has subgroup operations (feature "subgroup" or "subgroups")."""
+        return not self.features.isdisjoint(("subgroup", "subgroups"))
 
     @property
     def max_invocations_1d(self) -> int:
@@ -117,7 +122,8 @@ class QuantChoice:
     def name(self) -> str:
         """The kernel's name in the sku: the scheme named unless it is the default."""
         scheme = "" if self.scheme is ActivationScheme.DYNAMIC else f"_{self.scheme.value}"
-        return f"rowquant_wg{self.wg}{scheme}" + ("_exact" if self.exact else "")
+        return (f"rowquant_wg{self.wg}{scheme}" + ("_exact" if self.exact else "")
+                + ("_sg" if self.subgroups else ""))
 
     def constants(self, q_min: int, q_max: int) -> dict[str, int]:
         """The override constants of the pipeline for quantization range ``q_min..q_max``."""
@@ -161,7 +167,8 @@ class GemvChoice:
     @property
     def name(self) -> str:
         """The kernel's name in the sku."""
-        return f"gemv_m{self.m}_kl{self.kl}_c{self.cg}_{self.ip}" + ("_zp" if self.asym else "")
+        return (f"gemv_m{self.m}_kl{self.kl}_c{self.cg}_{self.ip}" + ("_zp" if self.asym else "")
+                + ("_sg" if self.subgroups else ""))
 
     def constants(self, has_bias: bool) -> dict[str, int]:
         """The override constants of the pipeline, with or without the bias add."""
@@ -282,7 +289,8 @@ def choose_quant(desc: DynamicRangeQuantizeDescriptor, facts: AdapterFacts,
     # One workgroup per row; on a CPU adapter (lavapipe) small workgroups are cheaper.
     cap = 256 if facts.is_gpu else 32
     wg = min(cap, facts.max_invocations_1d, max(32, _pow2_at_least(-(-desc.k // 4))))
-    return QuantChoice(storage, wg, bool(options.quantize_exact_only), desc.scheme)
+    return QuantChoice(storage, wg, bool(options.quantize_exact_only), desc.scheme,
+                       options.use_subgroups(facts.subgroups))
 
 
 def choose_linear(desc: QuantizedLinearDescriptor, facts: AdapterFacts,
@@ -306,13 +314,14 @@ def choose_linear(desc: QuantizedLinearDescriptor, facts: AdapterFacts,
 def _choose_gemv(desc: QuantizedLinearDescriptor, facts: AdapterFacts, options: WgpuOptions,
                  storage: Storage, ip: str, big_acc: bool, why: str) -> GemvChoice:
     wg_mem = options.max_workgroup_storage
-    inv = facts.max_invocations_2d
+    inv = facts.max_invocations_1d  # a one-dimensional workgroup of kl * cg
     # 32 lanes along K read a weight row coalesced on a GPU; on a CPU adapter
     # (lavapipe) each invocation is a SIMD lane and fewer, longer ones win.
     kl, cg = (32, 8) if facts.is_gpu else (8, 8)
+    sg = options.use_subgroups(facts.subgroups)
 
-    def mem(kl: int) -> int:
-        return DECODE_MAX_M * cg * 4 + kl * cg * 16  # row sums + the parked vec4 partials
+    def mem(kl: int) -> int:  # row sums, + the parked vec4 partials without subgroups
+        return DECODE_MAX_M * cg * 4 + (0 if sg else kl * cg * 16)
 
     # Fewer K lanes to fit the invocation or workgroup-memory limits.
     while (kl * cg > inv or mem(kl) > wg_mem) and kl > 1:
@@ -321,7 +330,7 @@ def _choose_gemv(desc: QuantizedLinearDescriptor, facts: AdapterFacts, options: 
         raise Unsupported(
             f"workgroup memory: the small-M kernel needs {mem(kl)} bytes and {kl * cg} "
             f"invocations, the adapter allows {wg_mem} bytes and {inv}")
-    return GemvChoice(storage, ip, desc.m, kl, cg, big_acc, why)
+    return GemvChoice(storage, ip, desc.m, kl, cg, big_acc, why, subgroups=sg)
 
 
 def _choose_tiled(desc: QuantizedLinearDescriptor, facts: AdapterFacts, options: WgpuOptions,

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ...errors import InvalidProblem
+from ...errors import InvalidProblem, Unsupported
 
 __all__ = ["WgpuOptions"]
 
@@ -22,6 +22,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "f16_storage": (None, "native", "packed"),
     "quantize_exact_only": (False, True),
     "tile": (None, "4x4", "8x8"),
+    "subgroups": (None, True, False),
 }
 
 
@@ -36,6 +37,10 @@ class WgpuOptions:
         quantize_exact_only: every activation element takes the integer division that
             otherwise only settles quotients near a rounding edge.
         tile: "4x4" or "8x8" register tiles of the dot4 GEMM; None = 8 x 8 for M > 64.
+        subgroups: True: the reductions across invocations (the activation pass's row
+            maximum, the small-M GEMM's K sum) use subgroup operations, which the adapter
+            must have; False: workgroup memory only; None = subgroups where the adapter has
+            them. Either way the results are the same, bit for bit.
         max_storage_binding, max_workgroups_per_dim, max_workgroup_storage: the limits
             plans respect (bytes / counts); lowering them exercises the sub-range binding,
             dispatch splitting and tile fallback that big problems need.
@@ -45,6 +50,7 @@ class WgpuOptions:
     f16_storage: str | None = None
     quantize_exact_only: bool = False
     tile: str | None = None
+    subgroups: bool | None = None
     max_storage_binding: int
     max_workgroups_per_dim: int
     max_workgroup_storage: int
@@ -65,6 +71,14 @@ class WgpuOptions:
         return cls(max_storage_binding=int(limits["max-storage-buffer-binding-size"]),
                    max_workgroups_per_dim=int(limits["max-compute-workgroups-per-dimension"]),
                    max_workgroup_storage=int(limits["max-compute-workgroup-storage-size"]))
+
+    def use_subgroups(self, available: bool) -> bool:
+        """Whether plans use subgroup operations on an adapter that has them (``available``)
+        or not; :class:`Unsupported` where ``subgroups`` is True and it has none."""
+        if self.subgroups and not available:
+            raise Unsupported("subgroups: expected None or False on this adapter, got True (it "
+                              "lacks the feature subgroup, in WebGPU subgroups)")
+        return available if self.subgroups is None else bool(self.subgroups)
 
     def replaced(self, **settings: Any) -> WgpuOptions:
         """A copy with ``settings`` changed; :class:`InvalidProblem` for an unknown key or

@@ -6,6 +6,9 @@ is composition: a kernel family's file (``shaders/<family>.wgsl``) is preceded b
 element-access prelude (``elem_words.wgsl``, or ``elem_f16.wgsl`` where TIn is held as
 WGSL f16), ``common.wgsl``, and for the GEMM families the bindings and epilogue
 (``linear_io.wgsl``) and, for the tiled ones, the shared tile loads (``gemm_tiles.wgsl``).
+The families that reduce across invocations (the activation pass, the small-M GEMM) are
+followed by their reduction, a file of its own: through workgroup memory
+(``<family>_reduce.wgsl``), or with subgroup operations (``<family>_reduce_sg.wgsl``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ _FAMILY_PARTS = {"rowquant": (), "gemv": ("linear_io.wgsl",),
                  "gemm_f32": ("linear_io.wgsl", "gemm_tiles.wgsl")}
 # Families that stand alone: no TIn, no shared numerics.
 _STANDALONE = ("matmul_f32", "micro", "dot4_probe")
+# Families whose reduction across invocations is a file of its own, in two variants.
+_REDUCED = ("rowquant", "gemv")
+# Tint accepts subgroup builtins only after this directive; naga refuses the directive
+# (and needs none: the device feature enables the builtins).
+_TINT_SUBGROUPS = "enable subgroups;\n"
 
 
 #: The WGSL compilers sources are composed for: naga (wgpu) and Tint (Dawn: Chrome, Edge).
@@ -46,17 +54,26 @@ def shader_source(family: str, elem: str = "words", *, subgroups: bool = False,
     bindings and shared tile loads for GEMM families, then the family itself.
 
     ``subgroups`` composes the family's subgroup reductions instead of its
-    workgroup-memory ones; ``target`` is the compiler the text is for ("naga" or
-    "tint"): the ``enable`` directives differ between them."""
+    workgroup-memory ones (only "rowquant" and "gemv" have them); ``target`` is the
+    compiler the text is for ("naga" or "tint"): the ``enable`` directives differ
+    between them. Without subgroups the text is the same for both."""
     if target not in TARGETS:
         raise InvalidProblem(f"target: expected one of {TARGETS}, got {target!r}")
+    if subgroups and family not in _REDUCED:
+        raise InvalidProblem(f"subgroups: expected False for family {family!r} (only "
+                             f"{' and '.join(_REDUCED)} have subgroup reductions), got True")
     if family in _STANDALONE:
         return read_source("shaders", f"{family}.wgsl")
     if elem not in ("words", "f16"):
         raise InvalidProblem(f"elem: expected 'words' or 'f16', got {elem!r}")
     parts = [f"elem_{elem}.wgsl", "common.wgsl", *_FAMILY_PARTS.get(family, ()),
              f"{family}.wgsl"]
-    return "\n".join(read_source("shaders", p) for p in parts)
+    if family in _REDUCED:
+        # After the family: its workgroup arrays are sized by the family's overrides, and
+        # naga 29 panics on an override-sized array declared before its override.
+        parts.append(f"{family}_reduce{'_sg' if subgroups else ''}.wgsl")
+    text = "\n".join(read_source("shaders", p) for p in parts)
+    return _TINT_SUBGROUPS + text if subgroups and target == "tint" else text
 
 
 class ShaderCache:
