@@ -34,7 +34,7 @@ class WgpuDevice:
         wgpu: the wgpu module (its enums and classes).
         device: the ``wgpu.GPUDevice``.
         align: the storage-buffer offset alignment, in bytes.
-        dummy: a 16-byte buffer bound where a kernel's optional tensor is absent.
+        dummy: a 16-byte buffer (what :meth:`wait` reads back).
         shaders: the device's shader modules, layouts and pipelines.
     """
 
@@ -44,10 +44,22 @@ class WgpuDevice:
         self.align = max(4, int(limits["min-storage-buffer-offset-alignment"]))
         self.dummy = device.create_buffer(size=16, usage=self.storage_usage,
                                           label="qlinear dummy")
+        self._dummies: dict[str, Any] = {}
         # Each thread's batches inside their ``with`` block: a thread's read submits its
         # own, never one another thread is still encoding into.
         self._threads = threading.local()
         self.shaders = ShaderCache(self)
+
+    def dummy_for(self, variable: str) -> Any:
+        """The 16-byte buffer bound to WGSL ``variable`` where its optional tensor is absent:
+        one per variable, because WebGPU forbids one dispatch to bind overlapping ranges of
+        a buffer to two writable storage bindings (Dawn enforces it; the kernels declare
+        every binding read_write)."""
+        buf = self._dummies.get(variable)
+        if buf is None:
+            buf = self._dummies.setdefault(variable, self.device.create_buffer(
+                size=16, usage=self.storage_usage, label=f"qlinear dummy {variable}"))
+        return buf
 
     @property
     def open_batches(self) -> list[Batch]:

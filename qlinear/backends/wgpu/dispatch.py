@@ -117,12 +117,13 @@ def bind_range(gpu: WgpuDevice, t: Tensor | None, b0: int, b1: int) -> tuple[Res
     absent tensor or an empty range binds the device's dummy buffer."""
     placed = None if t is None else ("t", int(t.buffer_offset or 0))
     sp, inner = span(gpu.align, placed, b0, b1)
-    return _resource(gpu, sp, {"t": t}), inner
+    return _resource(gpu, "", sp, {"t": t}), inner
 
 
-def _resource(gpu: WgpuDevice, sp: Span, tensors: Mapping[str, Tensor | None]) -> Resource:
+def _resource(gpu: WgpuDevice, variable: str, sp: Span,
+              tensors: Mapping[str, Tensor | None]) -> Resource:
     if sp.tensor is None:
-        return {"buffer": gpu.dummy, "offset": 0, "size": 16}
+        return {"buffer": gpu.dummy_for(variable), "offset": 0, "size": 16}
     t = tensors[sp.tensor]
     assert t is not None
     return {"buffer": t.handle, "offset": sp.offset, "size": sp.size}
@@ -162,6 +163,6 @@ def realize(gpu: WgpuDevice, pipeline: Any, steps: Sequence[Step],
     assert layout.params is not None and all(s.layout is layout for s in steps)
     params = params_buffer(gpu, layout.params, [s.params for s in steps])
     return Dispatches(tuple(
-        (pipeline, bind_group(gpu, layout, {v: _resource(gpu, sp, tensors)
+        (pipeline, bind_group(gpu, layout, {v: _resource(gpu, v, sp, tensors)
                                             for v, sp in s.spans.items()}, params, i), s.grid)
         for i, s in enumerate(steps)))

@@ -32,7 +32,9 @@ The document (``format`` "qlinear.wgsl-program/1"), every key always present:
 ``dispatches``
     In order: ``{"pipeline", "params" (block index), "grid" [x, y, z], "bindings":
     {variable: {"tensor": name or null, "offset", "size"}}}``; tensor null binds a
-    16-byte dummy storage buffer.
+    16-byte dummy storage buffer of that variable's own: WebGPU refuses a dispatch that
+    binds overlapping ranges of one buffer to two writable storage bindings (Dawn checks
+    it), and every binding of the kernels is read_write.
 """
 
 from __future__ import annotations

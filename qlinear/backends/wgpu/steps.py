@@ -44,7 +44,8 @@ Placed = tuple[str, int] | None
 @dataclass(frozen=True)
 class Span:
     """Bytes ``[offset, offset + size)`` of tensor ``tensor``'s buffer, bound to one
-    variable of one dispatch. ``tensor`` None binds the device's 16-byte dummy buffer."""
+    variable of one dispatch. ``tensor`` None binds a 16-byte dummy buffer, one per
+    variable (WebGPU refuses overlapping writable bindings of one buffer in a dispatch)."""
 
     tensor: str | None
     offset: int
