@@ -1,12 +1,17 @@
 """The examples run, offline and quickly, and say what they promise."""
 
+import base64
+import json
 import os
 import pathlib
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+
+import qlinear as ql
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -96,3 +101,72 @@ def test_minilm_w8a8_example(record_property):
     record_property("minilm_cosine_min", float(cos.group(1)))
     assert 0.99 < float(cos.group(1)) <= float(cos.group(2)) <= 1.0001
     assert re.search(r"time per batch of 8, median of 1: float [0-9.]+ ms, W8A8 [0-9.]+ ms", out)
+
+
+def _export(tmp_path, *args):
+    out = tmp_path / "layer.json"
+    r = _run("web/export_layer.py", "--out", str(out), *args, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(out.read_text()), r.stdout
+
+
+def _tensor(doc, name, data):
+    from qlinear.backends.wgpu.program import FORMAT
+
+    assert doc["program"]["format"] == FORMAT
+    spec = doc["program"]["tensors"][name]
+    raw = np.frombuffer(base64.b64decode(data), np.uint8)[:spec["nbytes"]]
+    if spec["dtype"] == "s8":  # rows padded to 4 bytes
+        rows, k = spec["shape"]
+        return raw.view(np.int8).reshape(rows, -1)[:, :k]
+    return raw.view(getattr(ql, spec["dtype"]).numpy).reshape(spec["shape"])
+
+
+@pytest.mark.parametrize("dtype,scheme", [("bf16", "dynamic"), ("f16", "static_asym")])
+def test_web_export_layer_writes_program_inputs_and_expected_output(tmp_path, dtype, scheme):
+    """examples/web/export_layer.py: for any WebGPU adapter by default (no optional
+    features); its expected output is the int64 oracle's for the inputs it wrote."""
+    from qltest import assert_bitwise_equal, oracle_linear_scheme
+
+    doc, out = _export(tmp_path, "--m", "3", "--k", "37", "--n", "20", "--dtype", dtype,
+                       "--scheme", scheme, "--bias")
+    prog = doc["program"]
+    assert prog["features"] == [] and prog["target"] == "tint", prog["features"]
+    assert prog["sku"] in out and f"{dtype}_packed" in prog["sku"]
+    assert "_sg" not in prog["sku"]
+    inputs = {name: _tensor(doc, name, data) for name, data in doc["inputs"].items()}
+    assert set(inputs) >= {"activation", "weight_q", "weight_scale", "bias"}
+    params = {}
+    if scheme == "static_asym":
+        # The static scale and zero point travel in the uniform blocks: recover them from
+        # the first activation-pass block (QuantParams: k, kw, 4 bases, in_scale, in_zp).
+        block = np.frombuffer(base64.b64decode(prog["params"])[:32], np.uint32)
+        params = {"input_scale": float(block[6:7].view(np.float32)[0]),
+                  "input_zero_point": int(block[7:8].view(np.int32)[0])}
+    want, _, _, _ = oracle_linear_scheme(inputs["activation"], inputs["weight_q"],
+                                         inputs["weight_scale"], inputs["bias"],
+                                         getattr(ql, dtype), scheme, **params)
+    got = _tensor(doc, "output", doc["expected"]["output"])
+    assert_bitwise_equal(got, want, "expected output")
+
+
+def test_web_export_layer_for_given_adapter_facts_and_weights(tmp_path):
+    """--adapter-facts (as the page shows them: SwiftShader with subgroups) and --weights."""
+    facts = {"vendor": "google", "architecture": "swiftshader", "is_fallback": True,
+             "features": ["subgroups", "timestamp-query"],
+             "limits": {"max-compute-invocations-per-workgroup": 256,
+                        "max-compute-workgroup-size-x": 256,
+                        "max-compute-workgroup-size-y": 256,
+                        "max-compute-workgroup-storage-size": 32768,
+                        "max-compute-workgroups-per-dimension": 65535,
+                        "max-storage-buffer-binding-size": 1 << 30}}
+    (tmp_path / "facts.json").write_text(json.dumps(facts))
+    rng = np.random.default_rng()
+    np.savez(tmp_path / "w.npz", weight=rng.standard_normal((24, 40)),
+             activation=rng.standard_normal((2, 40)))
+    doc, _ = _export(tmp_path, "--adapter-facts", str(tmp_path / "facts.json"),
+                     "--weights", str(tmp_path / "w.npz"))
+    prog = doc["program"]
+    assert prog["features"] == ["subgroups"] and "_sg" in prog["sku"], prog["sku"]
+    assert prog["tensors"]["output"]["shape"] == [2, 24]
+    assert doc["layer"]["bias"] is False and doc["layer"]["weights"].endswith("w.npz")
