@@ -20,7 +20,6 @@ import pytest
 from dawn.cases import (
     CASES,
     Case,
-    browser_facts,
     build,
     cpu_outputs,
     oracle_outputs,
@@ -28,6 +27,7 @@ from dawn.cases import (
 from dawn.driver import BrowserError, find_chromium, with_browser
 
 import qlinear as ql
+from qlinear.backends.wgpu.program import browser_facts
 from qltest import assert_bitwise_equal
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -29,7 +29,7 @@ import numpy as np
 import qlinear as ql
 from qlinear.backends.wgpu.choose import AdapterFacts
 from qlinear.backends.wgpu.options import WgpuOptions
-from qlinear.backends.wgpu.program import linear_program
+from qlinear.backends.wgpu.program import browser_facts, linear_program
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -51,12 +51,10 @@ DTYPES = {"f32": ql.f32, "f16": ql.f16, "bf16": ql.bf16}
 
 
 def adapter_facts(facts: dict) -> tuple[AdapterFacts, dict]:
-    """(AdapterFacts, limits) of a browser adapter, as the page's adapterFacts() gives it:
-    SwiftShader or a fallback adapter is a CPU adapter, anything else a GPU."""
-    cpu = bool(facts.get("is_fallback")) or facts.get("architecture") == "swiftshader"
+    """(AdapterFacts, limits) of a browser adapter, as the page's adapterFacts() gives it,
+    with WebGPU's defaults for the limits it does not name."""
     limits = dict(DEFAULT_LIMITS, **facts.get("limits", {}))
-    return (AdapterFacts.from_adapter("CPU" if cpu else "DiscreteGPU", "WebGPU",
-                                      facts.get("features", []), limits), limits)
+    return browser_facts({**facts, "limits": limits}), limits
 
 
 def parse_args(argv=None):

@@ -18,7 +18,11 @@ import numpy as np
 import qlinear as ql
 from qlinear.backends.wgpu.choose import AdapterFacts
 from qlinear.backends.wgpu.options import WgpuOptions
-from qlinear.backends.wgpu.program import Program, linear_program, quantize_program
+from qlinear.backends.wgpu.program import (
+    Program,
+    linear_program,
+    quantize_program,
+)
 from qltest import (
     POISON,
     oracle_linear_scheme,
@@ -29,7 +33,7 @@ from qltest import (
     shifted_activation,
 )
 
-__all__ = ["Case", "CASES", "Built", "browser_facts", "build", "cpu_outputs", "oracle_outputs"]
+__all__ = ["Case", "CASES", "Built", "build", "cpu_outputs", "oracle_outputs"]
 
 _DTYPES = {"f32": ql.f32, "f16": ql.f16, "bf16": ql.bf16}
 _KS = (37, 64, 67)  # odd K (row padding, partial words) and a multiple of 4
@@ -217,14 +221,6 @@ def _quantize_cases() -> list[Case]:
 
 #: Every case, in a stable order.
 CASES = _linear_cases() + _quantize_cases()
-
-
-def browser_facts(facts: Mapping[str, Any]) -> AdapterFacts:
-    """AdapterFacts of a browser adapter from ``adapterFacts()`` of examples/web/qlinear.js:
-    a CPU adapter when it is a fallback or SwiftShader, else a GPU; backend "WebGPU"."""
-    cpu = facts["is_fallback"] or facts["architecture"] == "swiftshader"
-    return AdapterFacts.from_adapter("CPU" if cpu else "DiscreteGPU", "WebGPU",
-                                     facts["features"], facts["limits"])
 
 
 @dataclass

@@ -9,11 +9,17 @@ browser), so both run the one plan the choosers made.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ...problem import DynamicRangeQuantizeDescriptor, QuantizedLinearDescriptor
+from ...problem import (
+    DynamicRangeQuantizeDescriptor,
+    LinearTensors,
+    QuantizedLinearDescriptor,
+    QuantizeTensors,
+)
 from .choose import (
     AdapterFacts,
     LinearChoice,
@@ -26,7 +32,19 @@ from .choose import (
 from .options import WgpuOptions
 from .steps import Placed, Step, gemm_steps, quant_rows_per_dispatch, quant_steps
 
-__all__ = ["Kernel", "QuantDesign", "LinearDesign"]
+__all__ = ["Kernel", "QuantDesign", "LinearDesign", "LINEAR_FIELDS", "QUANT_FIELDS"]
+
+
+def _tensor_fields(bundle: type) -> tuple[str, ...]:
+    # The host scalars travel in the parameter blocks, not as tensors.
+    return tuple(f.name for f in dataclasses.fields(bundle)
+                 if f.name not in ("input_scale", "input_zero_point"))
+
+
+#: The tensor fields of a linear / activation-pass bundle, in field order: the names the
+#: steps bind tensors by.
+LINEAR_FIELDS = _tensor_fields(LinearTensors)
+QUANT_FIELDS = _tensor_fields(QuantizeTensors)
 
 
 @dataclass(frozen=True)

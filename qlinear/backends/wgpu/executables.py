@@ -5,7 +5,7 @@ sets it ran on."""
 
 from __future__ import annotations
 
-import dataclasses
+import operator
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +18,7 @@ from ...problem import (
 from ...tensors import Tensor
 from ..base import Executable, PrecisionGuarantee
 from .choose import Storage
-from .design import Kernel, LinearDesign, QuantDesign
+from .design import LINEAR_FIELDS, QUANT_FIELDS, Kernel, LinearDesign, QuantDesign
 from .device import WgpuDevice
 from .dispatch import Dispatches, RunCache, realize
 from .steps import Placed
@@ -31,15 +31,7 @@ __all__ = ["QuantizeExecutable", "LinearExecutable", "placed"]
 
 # The host scalars of a bundle: they travel in the parameter blocks, so they key the run
 # cache beside the tensors.
-_SCALARS = ("input_scale", "input_zero_point")
-
-
-def _tensor_fields(bundle: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(bundle) if f.name not in _SCALARS)
-
-
-_LINEAR_FIELDS = _tensor_fields(LinearTensors)
-_QUANT_FIELDS = _tensor_fields(QuantizeTensors)
+_SCALARS = operator.attrgetter("input_scale", "input_zero_point")
 
 
 def placed(tensors: Mapping[str, Tensor | None]) -> dict[str, Placed]:
@@ -72,15 +64,21 @@ class _WgpuExecutable(Executable):
         self.options = be.options
         self._runs = RunCache()
 
-    def _cached(self, bundle: Any, fields: tuple[str, ...],
+    #: The bundle's tensor fields, and a getter of them in that order (set per subclass).
+    _fields: tuple[str, ...]
+    _tensors: Callable[[Any], tuple]
+
+    def _cached(self, bundle: Any,
                 build: Callable[[dict[str, Tensor | None]], Dispatches]) -> Dispatches:
-        tensors = {f: getattr(bundle, f) for f in fields}
-        present = [t for t in tensors.values() if t is not None]
+        # One run's key is cheap (attribute reads, ids); the named tensors are only made
+        # for a miss.
+        fields = self._fields
+        values = self._tensors(bundle)
+        present = [t for t in values if t is not None]
         # A bias-less run of the same tensors has its own entry: the key's length differs.
         key = tuple((id(t.memory), t.buffer_offset) for t in present)
-        scalars = tuple(getattr(bundle, s) for s in _SCALARS)
-        return self._runs.lookup([t.memory for t in present], key, lambda: build(tensors),
-                                 scalars)
+        return self._runs.lookup([t.memory for t in present], key,
+                                 lambda: build(dict(zip(fields, values))), _SCALARS(bundle))
 
     def _encode(self, stream: Any, dispatches: Dispatches) -> None:
         encode(self.be, stream, self.sku, dispatches)
@@ -88,6 +86,9 @@ class _WgpuExecutable(Executable):
 
 class QuantizeExecutable(_WgpuExecutable):
     """The fused activation pass (``rowquant.wgsl``)."""
+
+    _fields = QUANT_FIELDS
+    _tensors = operator.attrgetter(*QUANT_FIELDS)
 
     precision_guarantee = PrecisionGuarantee(
         flushes_subnormals=False,
@@ -110,11 +111,14 @@ class QuantizeExecutable(_WgpuExecutable):
             steps = self.design.steps(placed(named), t.input_scale, t.input_zero_point)
             return realize(self.gpu, self.pipeline, steps, named)
 
-        self._encode(stream, self._cached(t, _QUANT_FIELDS, build))
+        self._encode(stream, self._cached(t, build))
 
 
 class LinearExecutable(_WgpuExecutable):
     """The activation pass, then the GEMM with the dequant/bias epilogue fused."""
+
+    _fields = LINEAR_FIELDS
+    _tensors = operator.attrgetter(*LINEAR_FIELDS)
 
     precision_guarantee = PrecisionGuarantee(
         flushes_subnormals=True,
@@ -143,4 +147,4 @@ class LinearExecutable(_WgpuExecutable):
             return (realize(self.gpu, self.quant_pipeline, quant, named)
                     + realize(self.gpu, self.gemm_pipelines[t.bias is not None], gemm, named))
 
-        self._encode(stream, self._cached(t, _LINEAR_FIELDS, build))
+        self._encode(stream, self._cached(t, build))

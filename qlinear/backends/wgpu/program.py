@@ -40,7 +40,6 @@ The document (``format`` "qlinear.wgsl-program/1"), every key always present:
 from __future__ import annotations
 
 import base64
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -51,21 +50,20 @@ from ...dtypes import DType, s8, s32
 from ...errors import InvalidProblem
 from ...problem import (
     DynamicRangeQuantizeDescriptor,
-    LinearTensors,
     QuantizedLinearDescriptor,
-    QuantizeTensors,
 )
 from ...validate import scheme_constants
 from .choose import AdapterFacts
-from .design import Kernel, LinearDesign, QuantDesign
+from .design import LINEAR_FIELDS, QUANT_FIELDS, Kernel, LinearDesign, QuantDesign
 from .device import round_up
 from .layouts import LAYOUTS, PARAMS_BINDING
 from .options import WgpuOptions
-from .shaders import FAMILY_LAYOUT, TARGETS, shader_source
+from .shaders import FAMILY_LAYOUT, check_target, shader_source
 from .steps import PARAM_STRIDE, Placed, Step, pack_params
 from .tensors import tensor_layout, upload_bytes
 
-__all__ = ["FORMAT", "TensorSpec", "Program", "linear_program", "quantize_program"]
+__all__ = ["FORMAT", "TensorSpec", "Program", "linear_program", "quantize_program",
+           "browser_facts"]
 
 #: The ``format`` of the JSON document.
 FORMAT = "qlinear.wgsl-program/1"
@@ -96,14 +94,13 @@ class Program:
     #: (kernel index, step) per dispatch, in order.
     dispatches: tuple[tuple[int, Step], ...]
 
+    def _texts(self) -> list[str]:
+        return [shader_source(k.family, k.elem, subgroups=k.subgroups, target=self.target)
+                for k in self.kernels]
+
     def modules(self) -> list[str]:
         """The distinct WGSL texts of the kernels, in first-use order."""
-        out: list[str] = []
-        for k in self.kernels:
-            text = shader_source(k.family, k.elem, subgroups=k.subgroups, target=self.target)
-            if text not in out:
-                out.append(text)
-        return out
+        return list(dict.fromkeys(self._texts()))
 
     @property
     def features(self) -> list[str]:
@@ -118,13 +115,12 @@ class Program:
 
     def to_json(self) -> dict[str, Any]:
         """The program as a JSON-able dict."""
-        modules = self.modules()
-        pipelines = [{"module": modules.index(shader_source(k.family, k.elem,
-                                                            subgroups=k.subgroups,
-                                                            target=self.target)),
-                      "entry": k.entry, "constants": {n: float(v) for n, v in k.constants},
+        texts = self._texts()
+        modules = list(dict.fromkeys(texts))
+        pipelines = [{"module": modules.index(text), "entry": k.entry,
+                      "constants": {n: float(v) for n, v in k.constants},
                       "layout": FAMILY_LAYOUT[k.family], "label": k.family}
-                     for k in self.kernels]
+                     for k, text in zip(self.kernels, texts)]
         names = {FAMILY_LAYOUT[k.family] for k in self.kernels}
         layouts = {n: _layout_json(n) for n in sorted(names)}
         blocks = b"".join(pack_params(step.layout.params, [step.params]).tobytes()
@@ -190,14 +186,14 @@ def _placed(specs: Mapping[str, TensorSpec], fields: tuple[str, ...]) -> dict[st
     return {f: (f, 0) if f in specs else None for f in fields}
 
 
-def _check_target(target: str) -> None:
-    if target not in TARGETS:
-        raise InvalidProblem(f"target: expected one of {TARGETS}, got {target!r}")
-
-
-def _fields(bundle: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(bundle)
-                 if f.name not in ("input_scale", "input_zero_point"))
+def browser_facts(facts: Mapping[str, Any]) -> AdapterFacts:
+    """The :class:`AdapterFacts` of a browser's adapter as ``adapterFacts()`` of
+    ``examples/web/qlinear.js`` reports it (``features`` by WebGPU's names, ``limits``
+    named as wgpu names them): a CPU adapter where it is a fallback adapter or SwiftShader,
+    else a GPU; backend "WebGPU"."""
+    cpu = bool(facts.get("is_fallback")) or facts.get("architecture") == "swiftshader"
+    return AdapterFacts.from_adapter("CPU" if cpu else "DiscreteGPU", "WebGPU",
+                                     facts.get("features", ()), facts["limits"])
 
 
 def linear_program(desc: QuantizedLinearDescriptor, facts: AdapterFacts, options: WgpuOptions,
@@ -206,7 +202,7 @@ def linear_program(desc: QuantizedLinearDescriptor, facts: AdapterFacts, options
     """The linear plan for ``desc`` on an adapter with ``facts`` and ``options``, with or
     without a bias; a static scheme's scale and zero point are checked as a run's are
     (:func:`qlinear.validate.scheme_constants`) and go into the parameter blocks."""
-    _check_target(target)
+    check_target(target)
     input_scale, input_zero_point = scheme_constants(desc, input_scale, input_zero_point)
     design = LinearDesign.make(desc, facts, options, _ALIGN)
     m, k, n, dt = desc.m, desc.k, desc.c_out, desc.dtype
@@ -223,7 +219,7 @@ def linear_program(desc: QuantizedLinearDescriptor, facts: AdapterFacts, options
     if asym:
         fields["act_zp_scratch"] = ((m,), s32, "scratch")
     specs = _specs(fields)
-    quant, gemm = design.steps(_placed(specs, _fields(LinearTensors)), input_scale,
+    quant, gemm = design.steps(_placed(specs, LINEAR_FIELDS), input_scale,
                                input_zero_point)
     kernels = (design.quant_kernel, design.gemm_kernel(bias))
     return Program("linear", design.sku, target, specs, kernels,
@@ -236,7 +232,7 @@ def quantize_program(desc: DynamicRangeQuantizeDescriptor, facts: AdapterFacts,
                      input_zero_point: int | None = None) -> Program:
     """The activation-pass plan for ``desc`` on an adapter with ``facts`` and ``options``;
     a static scheme's scale and zero point as :func:`linear_program` takes them."""
-    _check_target(target)
+    check_target(target)
     input_scale, input_zero_point = scheme_constants(desc, input_scale, input_zero_point)
     design = QuantDesign.make(desc, facts, options, _ALIGN)
     m, k, dt = desc.m, desc.k, desc.dtype
@@ -246,7 +242,7 @@ def quantize_program(desc: DynamicRangeQuantizeDescriptor, facts: AdapterFacts,
     if desc.scheme.asymmetric:
         fields["act_zp"] = ((m,), s32, "output")
     specs = _specs(fields)
-    steps = design.steps(_placed(specs, _fields(QuantizeTensors)), input_scale,
+    steps = design.steps(_placed(specs, QUANT_FIELDS), input_scale,
                          input_zero_point)
     return Program("quantize", design.sku, target, specs, (design.kernel,),
                    tuple((0, s) for s in steps))

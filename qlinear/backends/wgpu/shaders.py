@@ -24,7 +24,7 @@ from .layouts import LAYOUTS, PARAMS_BINDING, Layout
 if TYPE_CHECKING:
     from .device import WgpuDevice
 
-__all__ = ["shader_source", "ShaderCache", "FAMILY_LAYOUT", "TARGETS"]
+__all__ = ["shader_source", "check_target", "ShaderCache", "FAMILY_LAYOUT", "TARGETS"]
 
 #: The bind group layout of each kernel family.
 FAMILY_LAYOUT = {"rowquant": "quant", "gemm_dot4": "linear", "gemm_f32": "linear",
@@ -47,6 +47,12 @@ _TINT_SUBGROUPS = "enable subgroups;\n"
 TARGETS = ("naga", "tint")
 
 
+def check_target(target: str) -> None:
+    """:class:`InvalidProblem` unless ``target`` is one of :data:`TARGETS`."""
+    if target not in TARGETS:
+        raise InvalidProblem(f"target: expected one of {TARGETS}, got {target!r}")
+
+
 def shader_source(family: str, elem: str = "words", *, subgroups: bool = False,
                   target: str = "naga") -> str:
     """The WGSL text of kernel ``family`` (a file of ``shaders/``) as compiled: the
@@ -57,8 +63,7 @@ def shader_source(family: str, elem: str = "words", *, subgroups: bool = False,
     workgroup-memory ones (only "rowquant" and "gemv" have them); ``target`` is the
     compiler the text is for ("naga" or "tint"): the ``enable`` directives differ
     between them. Without subgroups the text is the same for both."""
-    if target not in TARGETS:
-        raise InvalidProblem(f"target: expected one of {TARGETS}, got {target!r}")
+    check_target(target)
     if subgroups and family not in _REDUCED:
         raise InvalidProblem(f"subgroups: expected False for family {family!r} (only "
                              f"{' and '.join(_REDUCED)} have subgroup reductions), got True")
