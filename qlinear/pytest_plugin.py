@@ -5,17 +5,24 @@ restricts the run to the named backends. A backend that is unavailable here is
 reported as *skipped* with its reason, never as passed; with ``--qlinear-require`` the
 run stops with an error instead (a CI job that asks for cuda must not go green having
 tested nothing).
+
+The cpu backend is run twice: ``cpu`` with the engine it picks here (oneDNN where it can,
+see :mod:`qlinear.backends.cpu_engine`) and ``cpu-numpy`` with the numpy engine forced,
+skipped with the reason where numpy is what ``cpu`` runs already.
 """
 
 from __future__ import annotations
 
 import pytest
 
+from collections.abc import Iterator
+
 from .backends import Backend, backend_names
 from .backends import backend as _get_backend
 from .errors import BackendUnavailable
 
-__all__ = ["pytest_addoption", "pytest_configure", "pytest_generate_tests", "qlinear_backend"]
+__all__ = ["pytest_addoption", "pytest_configure", "pytest_generate_tests", "qlinear_backend",
+           "CPU_NUMPY"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -61,21 +68,39 @@ def pytest_configure(config: pytest.Config) -> None:
                 f"to be available, got unavailable {'; '.join(missing)}")
 
 
+#: The parameter that runs the cpu backend with its numpy engine forced.
+CPU_NUMPY = "cpu-numpy"
+
+
+def _params(names: list[str]) -> list[str]:
+    return [p for name in names for p in ((name, CPU_NUMPY) if name == "cpu" else (name,))]
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Parametrise every test that takes ``qlinear_backend`` over the selected backends."""
+    """Parametrise every test that takes ``qlinear_backend`` over the selected backends
+    (and ``cpu-numpy`` beside ``cpu``)."""
     if "qlinear_backend" in metafunc.fixturenames:
-        names = _selected(metafunc.config)
-        metafunc.parametrize("qlinear_backend", names, indirect=True, ids=names)
+        params = _params(_selected(metafunc.config))
+        metafunc.parametrize("qlinear_backend", params, indirect=True, ids=params)
 
 
 @pytest.fixture
-def qlinear_backend(request: pytest.FixtureRequest) -> Backend:
+def qlinear_backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     """A :class:`qlinear.Backend`; skipped with the reason when it is unavailable here
-    (failed instead under ``--qlinear-require``)."""
+    (failed instead under ``--qlinear-require``). ``cpu-numpy`` is the cpu backend with
+    plans selected under ``engine="numpy"`` for the test's duration."""
     name = getattr(request, "param", None) or _selected(request.config)[0]
     try:
-        return _get_backend(name)
+        be = _get_backend("cpu" if name == CPU_NUMPY else name)
     except BackendUnavailable as e:
         if request.config.getoption("qlinear_require"):
             pytest.fail(_why(e), pytrace=False)
         pytest.skip(_why(e))
+    if name != CPU_NUMPY:
+        yield be
+        return
+    engine = be.engine  # type: ignore[attr-defined]
+    if engine.engine == "numpy":
+        pytest.skip(f"the cpu backend runs the numpy engine here already: {engine.why}")
+    with be.configured(engine="numpy"):  # type: ignore[attr-defined]
+        yield be

@@ -34,12 +34,19 @@ def run(pytester, monkeypatch):
     return _run
 
 
+def _numpy_variant_runs():
+    """Whether ``cpu-numpy`` runs here (it is skipped where cpu's engine is numpy already)."""
+    return ql.backend("cpu").engine.engine != "numpy"
+
+
 def test_parametrised_over_every_backend(run):
     result = run()
     available = [s.name for s in ql.backend_status() if s.available]
     unavailable = [s for s in ql.backend_status() if not s.available]
-    result.assert_outcomes(passed=len(available) + 1, skipped=len(unavailable))
-    for name in ql.backend_names():
+    extra = _numpy_variant_runs()
+    result.assert_outcomes(passed=len(available) + 1 + extra,
+                           skipped=len(unavailable) + (not extra))
+    for name in [*ql.backend_names(), "cpu-numpy"]:
         result.stdout.fnmatch_lines([f"*test_backend_is_usable?{name}?*"])
     for s in unavailable:
         # Skipped with its reason, never passed.
@@ -48,9 +55,31 @@ def test_parametrised_over_every_backend(run):
 
 def test_select_one_backend(run):
     result = run("--qlinear-backend=cpu")
-    result.assert_outcomes(passed=2)
+    extra = _numpy_variant_runs()
+    result.assert_outcomes(passed=2 + extra, skipped=not extra)
     result.stdout.fnmatch_lines(["*test_backend_is_usable?cpu?*PASSED*"])
     assert "wgpu" not in result.stdout.str().split("short test summary")[0].split("collected")[1]
+
+
+def test_cpu_numpy_variant_forces_the_numpy_engine(run, pytester):
+    """``cpu-numpy`` selects plans on the numpy engine; where the setting forces numpy
+    anyway it is skipped with that reason, never passed twice over the same engine."""
+    pytester.makepyfile(test_engine="""
+def test_engine(qlinear_backend):
+    import qlinear as ql
+    plan = ql.QuantizedLinearPlan.select(qlinear_backend, ql.QuantizedLinearDescriptor(2, 3, 5, ql.f32))
+    assert ("blas_f32" in plan.sku) == (qlinear_backend.engine.engine == "numpy"), plan.sku
+""")
+    result = run("--qlinear-backend=cpu", "test_engine.py")
+    extra = _numpy_variant_runs()
+    result.assert_outcomes(passed=1 + extra, skipped=not extra)
+    os.environ["QLINEAR_CPU_ENGINE"] = "numpy"
+    try:
+        forced = run("--qlinear-backend=cpu", "test_engine.py")
+    finally:
+        del os.environ["QLINEAR_CPU_ENGINE"]
+    forced.assert_outcomes(passed=1, skipped=1)
+    forced.stdout.fnmatch_lines(["SKIPPED*runs the numpy engine here already*"])
 
 
 def test_unknown_backend_is_a_usage_error(run):
@@ -93,4 +122,5 @@ def test_require_fails_when_every_backend_is_asked_for_and_one_is_missing(run):
 def test_require_passes_when_the_backend_is_here(run):
     result = run("--qlinear-backend=cpu", "--qlinear-require")
     assert result.ret == 0
-    result.assert_outcomes(passed=2)
+    extra = _numpy_variant_runs()
+    result.assert_outcomes(passed=2 + extra, skipped=not extra)

@@ -19,15 +19,17 @@ temporaries stay bounded.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from ..dtypes import DType, DTypeLike, as_dtype
-from ..errors import DeviceError, InvalidProblem
+from ..errors import DeviceError, InvalidProblem, Unsupported
 from ..problem import (
     DynamicRangeQuantizeDescriptor,
     LinearTensors,
@@ -38,7 +40,17 @@ from ..schemes import ActivationScheme
 from ..tensors import Tensor
 from ..validate import check_new_tensor, check_plain_array, check_rows, host_array
 from .base import Backend, Executable, PrecisionGuarantee
+from .cpu_engine import (
+    ENGINES,
+    EngineChoice,
+    ProbeResult,
+    choose_engine,
+    engine_setting,
+    host_facts,
+    probe_int_mm,
+)
 from .cpu_quant import compute_type, quantize, quantize_rows
+from .cpu_torch import TorchEngine
 
 __all__ = ["CpuBackend", "create", "quantize_rows", "int_matmul", "dequantize",
            "subtract_zero_points"]
@@ -119,14 +131,20 @@ class _QuantizeExecutable(Executable):
     precision_guarantee = PrecisionGuarantee(
         note="the reference: exact division, round half to even")
 
-    def __init__(self, desc: DynamicRangeQuantizeDescriptor):
+    def __init__(self, desc: DynamicRangeQuantizeDescriptor, torch: TorchEngine | None):
         self.desc = desc
-        self.sku = f"cpu.rowquant{_scheme_tag(desc.scheme)}"
+        # The torch ops run the dynamic pass only; the other schemes stay in numpy.
+        self.torch = torch if desc.scheme is ActivationScheme.DYNAMIC and desc.k else None
+        self.sku = f"cpu.rowquant{_scheme_tag(desc.scheme)}" + ("_torch" if self.torch else "")
 
     def run(self, t: QuantizeTensors, stream: Any = None) -> None:
         d = self.desc
         x, act_q, act_scale = t.activation.handle, t.act_q.handle, t.act_scale.handle
         step = _block_rows(d.m, d.k, 0)
+        if self.torch is not None:
+            with np.errstate(invalid="ignore"):
+                self.torch.run_quantize(d, t, step)
+            return
         with np.errstate(invalid="ignore"):
             for m0 in range(0, d.m, step):
                 rows = slice(m0, m0 + step)
@@ -142,14 +160,21 @@ class _LinearExecutable(Executable):
     precision_guarantee = PrecisionGuarantee(
         note="the reference: exact division, round half to even, exact int32 via float BLAS chunks")
 
-    def __init__(self, desc: QuantizedLinearDescriptor):
+    def __init__(self, desc: QuantizedLinearDescriptor, torch: TorchEngine | None):
         self.desc = desc
+        self.torch = torch
         self.chunk = _chunk(desc.q_min, desc.q_max)
         self.zp_bound = desc.k * (desc.q_max - desc.q_min) * 128
         ct = compute_type(desc.dtype)
         zp = "+zp" if desc.scheme.asymmetric else ""
-        self.sku = (f"cpu.rowquant{_scheme_tag(desc.scheme)}"
-                    f"+blas_{'f64' if ct == np.float64 else 'f32'}_kchunk{self.chunk}+dequant{zp}")
+        gemm = f"blas_{'f64' if ct == np.float64 else 'f32'}_kchunk{self.chunk}"
+        if torch is not None:
+            # The weight layout the GEMM reads (see cpu_torch): as stored at M = 1.
+            gemm = f"onednn_s8_w{'nk' if desc.m == 1 and desc.k > 1 else 'kn'}"
+            self.precision_guarantee = PrecisionGuarantee(
+                note="the reference: exact division, round half to even, exact int32 via "
+                     "oneDNN's s8 GEMM (probed at first use)")
+        self.sku = f"cpu.rowquant{_scheme_tag(desc.scheme)}+{gemm}+dequant{zp}"
 
     def _weight(self, wt: Tensor) -> np.ndarray:
         """``weight_q.T`` as the compute type, ``[K, N]`` contiguous; kept on read-only tensors."""
@@ -164,6 +189,10 @@ class _LinearExecutable(Executable):
 
     def run(self, t: LinearTensors, stream: Any = None) -> None:
         d = self.desc
+        if self.torch is not None:
+            with np.errstate(invalid="ignore", over="ignore"):
+                self.torch.run_linear(d, t, _block_rows(d.m, d.k, d.c_out))
+            return
         x, out = t.activation.handle, t.output.handle
         act_q, act_scale = t.act_q_scratch.handle, t.act_scale_scratch.handle
         act_zp = None if t.act_zp_scratch is None else t.act_zp_scratch.handle
@@ -189,7 +218,13 @@ class _LinearExecutable(Executable):
 
 
 class CpuBackend(Backend):
-    """numpy on the host. Tensors are numpy arrays; plain arrays are accepted as arguments."""
+    """numpy on the host. Tensors are numpy arrays; plain arrays are accepted as arguments.
+
+    The int8 GEMM runs on one of two engines (:mod:`qlinear.backends.cpu_engine`): oneDNN's
+    exact s8 GEMM through torch where torch is installed, the CPU has VNNI or AMX and a
+    probe at first use agrees with the exact product; numpy's float32 BLAS over exact
+    K-chunks otherwise. ``$QLINEAR_CPU_ENGINE`` (auto, numpy, onednn), read when the
+    backend is created, and :meth:`configured` set which; :attr:`engine` says which runs."""
 
     name = "cpu"
     device_id = "cpu"
@@ -197,6 +232,68 @@ class CpuBackend(Backend):
     host_memory = True
     torch_device_type = "cpu"
     activation_schemes = frozenset(ActivationScheme)
+
+    def __init__(self, setting: str = "auto"):
+        self._setting = setting
+        self._configured = threading.local()  # each thread's configured() engine
+        self._choices: dict[str, EngineChoice] = {}
+        self._torch: TorchEngine | None = None
+        self._probed: ProbeResult | None = None
+        self._lock = threading.Lock()
+
+    # -- engines -------------------------------------------------------------------
+    @property
+    def setting(self) -> str:
+        """The engine setting plans are selected with: this thread's :meth:`configured`
+        block's, else the backend's (``auto``, ``numpy`` or ``onednn``)."""
+        return getattr(self._configured, "engine", None) or self._setting
+
+    @property
+    def engine(self) -> EngineChoice:
+        """The engine plans use under the current setting, and why (the first call for a
+        setting that may take oneDNN imports torch and runs the probe, once)."""
+        setting = self.setting
+        choice = self._choices.get(setting)
+        if choice is None:
+            with self._lock:
+                choice = self._choices.get(setting)
+                if choice is None:
+                    choice = choose_engine(setting, host_facts(), self._probe)
+                    self._choices[setting] = choice
+        return choice
+
+    def _probe(self) -> ProbeResult:
+        if self._probed is None:
+            try:
+                import torch
+            except Exception as e:  # a broken install counts as none
+                self._probed = ProbeResult(False, f"import torch failed: {e}")
+            else:
+                self._probed = probe_int_mm(torch)
+                if self._probed.exact:
+                    self._torch = TorchEngine(torch)
+        return self._probed
+
+    def _engine_for_plan(self) -> TorchEngine | None:
+        choice = self.engine
+        if choice.refused:
+            raise Unsupported(f"engine: expected a host where oneDNN's int8 GEMM runs "
+                              f"exactly, got one where {choice.refused}")
+        return self._torch if choice.engine == "onednn" else None
+
+    @contextlib.contextmanager
+    def configured(self, *, engine: str) -> Iterator[CpuBackend]:
+        """Plans selected inside the block, by the calling thread, use ``engine``:
+        ``"numpy"``, ``"onednn"`` (:class:`Unsupported` at selection where it cannot run)
+        or ``"auto"``; restored on exit. Plans keep the engine they were selected with."""
+        if engine not in ENGINES:
+            raise InvalidProblem(f"engine: expected one of {ENGINES}, got {engine!r}")
+        old = getattr(self._configured, "engine", None)
+        self._configured.engine = engine
+        try:
+            yield self
+        finally:
+            self._configured.engine = old
 
     @property
     def device_name(self) -> str:
@@ -263,12 +360,12 @@ class CpuBackend(Backend):
                 f"stream: expected None on the cpu backend, got {type(stream).__name__}")
 
     def linear_executable(self, desc: QuantizedLinearDescriptor) -> Executable:
-        """The cpu linear executable: rowquant, exact chunked BLAS, dequant."""
-        return _LinearExecutable(desc)
+        """The cpu linear executable: rowquant, the engine's exact int8 GEMM, dequant."""
+        return _LinearExecutable(desc, self._engine_for_plan())
 
     def quantize_executable(self, desc: DynamicRangeQuantizeDescriptor) -> Executable:
-        """The cpu activation pass."""
-        return _QuantizeExecutable(desc)
+        """The cpu activation pass (in torch ops on the oneDNN engine, dynamic scheme)."""
+        return _QuantizeExecutable(desc, self._engine_for_plan())
 
     def info(self) -> dict[str, Any]:
         """Host facts and kernel choices."""
@@ -278,11 +375,17 @@ class CpuBackend(Backend):
             blas = cfg["Build Dependencies"]["blas"]["name"]
         except Exception:
             pass
-        return {"device": self.device_name, "blas": blas,
-                "method": "rowquant + float32 BLAS over K-chunks of <= 2**24 // (max|q| * 128) "
-                          "columns (1032 for -127..127) + dequant"}
+        choice = self.engine
+        if choice.engine == "onednn":
+            method = "rowquant + oneDNN s8 x s8 -> s32 GEMM (torch._int_mm) + dequant, in torch ops"
+        else:
+            method = ("rowquant + float32 BLAS over K-chunks of <= 2**24 // (max|q| * 128) "
+                      "columns (1032 for -127..127) + dequant")
+        return {"device": self.device_name, "engine": choice.engine, "engine_why": choice.why,
+                "setting": self.setting, "blas": blas, "method": method}
 
 
 def create() -> CpuBackend:
-    """The cpu backend (always available)."""
-    return CpuBackend()
+    """The cpu backend (always available; a bad ``$QLINEAR_CPU_ENGINE`` raises
+    :class:`BackendUnavailable` naming it)."""
+    return CpuBackend(engine_setting())

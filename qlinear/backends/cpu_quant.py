@@ -23,12 +23,40 @@ import numpy as np
 from ..dtypes import DType, f64
 from ..schemes import ActivationScheme
 
-__all__ = ["compute_type", "quantize_rows", "quantize_static", "quantize_asym", "quantize"]
+__all__ = ["compute_type", "dynamic_rows", "quantize_rows", "quantize_static", "quantize_asym", "quantize"]
 
 
 def compute_type(dtype: DType) -> np.dtype:
     """C: float64 for f64, float32 for the other TIn."""
     return np.dtype(np.float64) if dtype == f64 else np.dtype(np.float32)
+
+
+def dynamic_rows(amax: np.ndarray, dtype: DType, q_min: int,
+                 q_max: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, bool]:
+    """The dynamic rule per row, from ``amax[M]`` (max|x| in the compute type C, NaN where a
+    row holds NaN, Inf where it holds Inf): ``(scale, divisor, bad, clip)``.
+
+    ``scale[M]`` of ``dtype`` is the stored scale (1 where it is 0, NaN where the row is
+    not finite); ``divisor[M]`` in C is what x is divided by (1 in ``bad`` rows); ``bad``
+    marks the rows whose q is 0 (None when there are none); ``clip`` says whether some
+    ``rint(x / divisor)`` can round past the range. Every engine applies it to its own
+    reductions, so the rule is written once."""
+    ct = amax.dtype
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+        scale = (amax / ct.type(q_max)).astype(dtype.numpy)
+        divisor = scale.astype(ct)
+        bad = None
+        # Rows whose stored scale is 0 (all-zero, or underflowed in TIn), NaN or Inf.
+        if not (divisor.min() > 0 and divisor.max() < np.inf):
+            bad = ~(np.isfinite(divisor) & (divisor != 0))
+            scale[divisor == 0] = 1
+            scale[~np.isfinite(divisor)] = np.nan
+            divisor[bad] = 1
+            amax = np.where(bad, ct.type(0), amax)
+        # |x| <= amax, and division and rint are monotonic: clamping is needed only if some
+        # row's amax / scale can round past the range.
+        clip = bool((amax / divisor).max() >= min(q_max, -q_min) + 0.5)
+    return scale, divisor, bad, clip
 
 
 def quantize_rows(x: np.ndarray, dtype: DType, q_min: int,
@@ -44,24 +72,13 @@ def quantize_rows(x: np.ndarray, dtype: DType, q_min: int,
         return np.zeros((m, 0), ct), np.ones(m, dtype.numpy)
     # max(max, -min) is max|x| without an |x| temporary; NaN propagates through both.
     amax = np.maximum(xc.max(axis=1), -xc.min(axis=1))
+    scale, divisor, bad, clip = dynamic_rows(amax, dtype, q_min, q_max)
     with np.errstate(invalid="ignore", over="ignore", under="ignore"):
-        scale = (amax / ct.type(q_max)).astype(dtype.numpy)
-        divisor = scale.astype(ct)
-        # Rows whose stored scale is 0 (all-zero, or underflowed in TIn), NaN or Inf.
-        special = not (divisor.min() > 0 and divisor.max() < np.inf)
-        if special:
-            bad = ~(np.isfinite(divisor) & (divisor != 0))
-            scale[divisor == 0] = 1
-            scale[~np.isfinite(divisor)] = np.nan
-            divisor[bad] = 1
-            amax[bad] = 0
         q = xc / divisor[:, None]
         np.rint(q, out=q)
-        # |x| <= amax, and division and rint are monotonic: clamping is needed only if some
-        # row's amax / scale can round past the range.
-        if (amax / divisor).max() >= min(q_max, -q_min) + 0.5:
+        if clip:
             np.clip(q, q_min, q_max, out=q)
-        if special:
+        if bad is not None:
             q[bad] = 0
     return q, scale
 

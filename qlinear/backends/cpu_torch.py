@@ -1,0 +1,171 @@
+"""The cpu backend's oneDNN engine: the same five steps, the bulk work in torch ops.
+
+The engine runs on the caller's numpy memory through zero-copy torch views
+(``torch.from_numpy``; bf16 through an int16 view). For ``x[M, K]`` of TIn:
+
+1. ``amax[m]``: ``torch.amax`` and ``torch.amin`` per row, then ``max(max, -min)``
+   (exact in any type, NaN propagating), read back as C;
+2. the per-row rule (scale, divisor, rows that quantize to 0, whether to clamp) is
+   :func:`~qlinear.backends.cpu_quant.dynamic_rows`, the numpy engine's own; the static
+   and asymmetric schemes run the numpy engine's activation pass whole;
+3. ``q = rint(x / divisor)`` (one correctly rounded C division, round half to even),
+   clamped where the rule says so, written into the caller's int8 scratch;
+4. ``acc = torch._int_mm(q, weight)``: oneDNN's s8 x s8 -> s32 GEMM, exact on the CPUs
+   :mod:`~qlinear.backends.cpu_engine` admits; the zero point's
+   ``acc - zp[m] * colsum[n]`` in int32 (exact: the descriptor bounds K so that it fits);
+5. ``y = ((C(acc) * C(scale)) * C(weight_scale)) (+ C(bias))``: one torch op per
+   operation, never fused into a multiply-add, rounded once to TIn.
+
+So the bits are the numpy engine's (the test suite runs every oracle test on both).
+M = 1 reads the weight as stored, ``[N, K]`` (oneDNN's GEMV streams its rows); larger
+M reads a ``[K, N]`` copy, kept with a read-only weight (a quarter of the numpy
+engine's float32 copy).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+
+from ..dtypes import DType, bf16
+from ..problem import LinearTensors, QuantizedLinearDescriptor, QuantizeTensors
+from ..schemes import ActivationScheme
+from ..tensors import Tensor
+from .cpu_quant import compute_type, dynamic_rows, quantize
+
+__all__ = ["TorchEngine"]
+
+
+class TorchEngine:
+    """The bulk operations of the oneDNN engine, on torch views of host arrays."""
+
+    def __init__(self, torch: Any):
+        self.torch = torch
+
+    # -- views -------------------------------------------------------------------------
+    def view(self, arr: np.ndarray) -> Any:
+        """A torch tensor sharing ``arr``'s memory (bf16 through its int16 bits)."""
+        if not arr.flags.writeable:
+            # torch warns that it cannot mark the view read-only; nothing writes through it.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return self._view(arr)
+        return self._view(arr)
+
+    def _view(self, arr: np.ndarray) -> Any:
+        torch = self.torch
+        if arr.dtype == bf16.numpy:
+            return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(arr)
+
+    def cached(self, t: Tensor, key: Any, make: Any) -> Any:
+        """``make()``, kept in ``t.cache`` when ``t`` is read-only (its data cannot change)."""
+        got = t.cache.get(key)
+        if got is None:
+            got = make()
+            if t.readonly:
+                t.cache[key] = got
+        return got
+
+    def as_compute(self, t: Tensor, ct: np.dtype) -> Any:
+        """A per-channel vector (weight scale, bias) as C, in torch."""
+        return self.cached(t, ("torch", ct.name),
+                           lambda: self.view(np.ascontiguousarray(t.handle, dtype=ct)))
+
+    def weight(self, t: Tensor, m: int) -> Any:
+        """``weight_q.T`` as the GEMM reads it fastest for ``m`` rows (see the module)."""
+        w_nk = self.cached(t, ("torch", "nk"), lambda: self.view(t.handle))
+        k = w_nk.shape[1]
+        # With K = 1 the transposed view's strides are (1, 1), which oneDNN misreads (wrong
+        # sums, checked with torch 2.13): a [K, N] copy made with explicit strides is right.
+        if k > 1 and (m == 1 or not t.readonly):
+            return w_nk.t()
+        return self.cached(t, ("torch", "kn"), lambda: self._kn_copy(w_nk))
+
+    def _kn_copy(self, w_nk: Any) -> Any:
+        n, k = w_nk.shape
+        return self.torch.empty((k, n), dtype=w_nk.dtype).copy_(w_nk.t())
+
+    # -- the steps ---------------------------------------------------------------------
+    def quantize_dynamic(self, x: np.ndarray, dtype: DType, q_min: int, q_max: int,
+                         act_q: Any) -> np.ndarray:
+        """Steps 1-3 of the dynamic scheme: writes ``act_q`` (a torch int8 view), returns
+        the stored scale (numpy, TIn)."""
+        torch = self.torch
+        ct = compute_type(dtype)
+        xt = self.view(x)
+        amax = torch.maximum(torch.amax(xt, 1), torch.amin(xt, 1).neg_())
+        amax_c = amax.numpy() if amax.dtype != torch.bfloat16 else \
+            amax.float().numpy()
+        scale, divisor, bad, clip = dynamic_rows(amax_c.astype(ct, copy=False), dtype,
+                                                 q_min, q_max)
+        # A dimensioned C divisor promotes an f16 / bf16 x to C before dividing.
+        q = torch.div(xt, torch.from_numpy(divisor)[:, None])
+        q.round_()
+        if clip:
+            q.clamp_(q_min, q_max)
+        if bad is not None:
+            q[torch.from_numpy(bad)] = 0
+        act_q.copy_(q)
+        return scale
+
+    def dequantize(self, acc: Any, scale: np.ndarray, ws: Any, bias: Any | None,
+                   out: Any, ct: np.dtype) -> None:
+        """Step 5 into ``out`` (a torch view of TIn); ``ws``, ``bias`` already in C."""
+        torch = self.torch
+        sc = torch.from_numpy(scale.astype(ct))[:, None]
+        same = out.dtype == (torch.float64 if ct == np.float64 else torch.float32)
+        y = torch.mul(acc, sc, out=out) if same else torch.mul(acc, sc)
+        y.mul_(ws)
+        if bias is not None:
+            y.add_(bias)
+        if not same:
+            out.copy_(y)
+
+    def run_linear(self, desc: QuantizedLinearDescriptor, t: LinearTensors,
+                   step: int) -> None:
+        """The whole linear call, ``step`` rows at a time."""
+        torch = self.torch
+        ct = compute_type(desc.dtype)
+        x, act_scale = t.activation.handle, t.act_scale_scratch.handle
+        act_q_all = self.view(t.act_q_scratch.handle)
+        out_all = self.view(t.output.handle)
+        w = self.weight(t.weight_q, desc.m)
+        ws = self.as_compute(t.weight_scale, ct)
+        bias = None if t.bias is None else self.as_compute(t.bias, ct)
+        colsum = None if t.weight_colsum is None else self.view(t.weight_colsum.handle)
+        dynamic = desc.scheme is ActivationScheme.DYNAMIC
+        for m0 in range(0, desc.m, step):
+            rows = slice(None) if step >= desc.m else slice(m0, m0 + step)
+            act_q = act_q_all[rows]
+            zp = None
+            if desc.k == 0:
+                act_scale[rows] = 1
+                acc = torch.zeros((act_q.shape[0], desc.c_out), dtype=torch.int32)
+                scale = act_scale[rows]
+            elif dynamic:
+                scale = self.quantize_dynamic(x[rows], desc.dtype, desc.q_min, desc.q_max,
+                                              act_q)
+                act_scale[rows] = scale
+                acc = torch._int_mm(act_q, w)
+            else:
+                qf, scale, zp = quantize(x[rows], desc.dtype, desc.q_min, desc.q_max,
+                                         desc.scheme, t.input_scale, t.input_zero_point)
+                act_q.copy_(torch.from_numpy(qf))
+                act_scale[rows] = scale
+                acc = torch._int_mm(act_q, w)
+            if zp is not None:
+                assert t.act_zp_scratch is not None and colsum is not None  # validated
+                t.act_zp_scratch.handle[rows] = zp
+                acc.sub_(torch.outer(torch.from_numpy(zp), colsum))
+            self.dequantize(acc, scale, ws, bias, out_all[rows], ct)
+
+    def run_quantize(self, desc: Any, t: QuantizeTensors, step: int) -> None:
+        """The activation pass alone (dynamic scheme), ``step`` rows at a time."""
+        act_q_all = self.view(t.act_q.handle)
+        for m0 in range(0, desc.m, step):
+            rows = slice(m0, m0 + step)
+            t.act_scale.handle[rows] = self.quantize_dynamic(
+                t.activation.handle[rows], desc.dtype, desc.q_min, desc.q_max, act_q_all[rows])
