@@ -45,17 +45,29 @@ def test_bench_small_shape_checks_then_times(capsys, tmp_path):
         assert r["check"] == "ok" and r["qlinear_ms"] > 0 and r["vs_float_matmul"] > 0
 
 
-def test_bench_check_catches_a_wrong_kernel(monkeypatch, capsys):
-    """The oracle check is live: a kernel that writes a wrong value fails the bench."""
-    from qlinear.backends import cpu
+@pytest.mark.parametrize("engine", ["numpy", "onednn"])
+def test_bench_check_catches_a_wrong_kernel(monkeypatch, capsys, engine):
+    """The oracle check is live: a kernel that writes a wrong value fails the bench, on
+    either cpu engine (the other one is checked too where both run)."""
+    from qlinear.backends import cpu, cpu_torch
 
-    real = cpu.dequantize
+    be = ql.backend("cpu")
+    if engine == "onednn" and be.engine.engine != "onednn":
+        pytest.skip(f"the oneDNN engine does not run here: {be.engine.why}")
+    if engine == "numpy":
+        real = cpu.dequantize
 
-    def broken(acc, scale, ws, bias, out):
-        real(acc, scale, ws, bias, out)
-        out[0, 0] += 1
+        def broken(acc, scale, ws, bias, out):
+            real(acc, scale, ws, bias, out)
+            out[0, 0] += 1
+        monkeypatch.setattr(cpu, "dequantize", broken)
+    else:
+        real_t = cpu_torch.TorchEngine.dequantize
 
-    monkeypatch.setattr(cpu, "dequantize", broken)
+        def broken_t(self, acc, scale, ws, bias, out, ct):
+            real_t(self, acc, scale, ws, bias, out, ct)
+            out[0, 0] += 1
+        monkeypatch.setattr(cpu_torch.TorchEngine, "dequantize", broken_t)
     rc = cli.main(["bench", "--backend", "cpu", "--m", "3", "--k", "8", "--n", "4",
                    "--min-seconds", "0.01", "--max-reps", "2", "--no-progress"])
     assert rc == 1

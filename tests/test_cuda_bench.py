@@ -193,7 +193,7 @@ class FakeHopper(CpuBackend):
     arch = "sm_90a"
 
     def __init__(self, honours=True, writes=True):
-        super().__init__()
+        super().__init__("numpy")  # its skus name "+blas", which _Renamed rewrites
         self.wgmma = False
         self.honours, self.writes = honours, writes
 

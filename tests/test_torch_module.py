@@ -245,10 +245,14 @@ def test_cuda_tensor_needs_cuda_backend():
 
 
 def test_core_does_not_import_torch():
+    """Neither importing qlinear nor running a cpu layer on the numpy engine imports torch
+    (the oneDNN engine imports it when it is chosen: tests/test_cpu_engine.py)."""
     code = ("import sys, numpy as np, qlinear, qlinear.bench.peers, qlinear.cli\n"
-            "qlinear.QuantizedLinear.from_float(np.eye(4, dtype=np.float32), backend='cpu')\n"
+            "layer = qlinear.QuantizedLinear.from_float(np.eye(4, dtype=np.float32), "
+            "backend='cpu')\n"
+            "layer(np.ones((3, 4), np.float32))\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), QLINEAR_CPU_ENGINE="numpy")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 
 

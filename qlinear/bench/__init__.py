@@ -10,10 +10,10 @@ from .cases import LLM_M, LLM_SHAPES, SMALL_M, SMALL_SHAPES, BenchCase, default_
 from .provenance import git_commit, run_meta
 from .runner import FLOAT_MATMUL, bench, check_plan, check_timing
 from .table import RATIO_RULE, format_baselines, format_legend, format_report, format_table
-from .timing import TimeStats, time_stats
+from .timing import TimeStats, interleaved_stats, time_stats
 
 __all__ = ["BenchCase", "default_cases", "LLM_SHAPES", "LLM_M", "SMALL_SHAPES", "SMALL_M",
            "bench", "check_plan", "check_timing", "FLOAT_MATMUL", "RATIO_RULE", "format_table",
            "format_baselines", "format_legend", "format_report", "float_matmul",
-           "float_matmul_detail", "TimeStats", "time_stats", "git_commit",
+           "float_matmul_detail", "TimeStats", "time_stats", "interleaved_stats", "git_commit",
            "run_meta"]

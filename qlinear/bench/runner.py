@@ -21,12 +21,14 @@ from ..problem import QuantizedLinearArgs, QuantizedLinearDescriptor, check_int
 from ..reference import reference_linear
 from .baselines import float_matmul, float_matmul_detail
 from .cases import BenchCase
-from .timing import time_stats
+from .timing import interleaved_stats
 
-__all__ = ["bench", "check_plan", "check_timing", "FLOAT_MATMUL"]
+__all__ = ["bench", "check_plan", "check_timing", "FLOAT_MATMUL", "NUMPY_ENGINE"]
 
 #: Key of the floating-point matmul on the backend's own device in a bench row.
 FLOAT_MATMUL = "float_matmul"
+#: Key of the cpu backend's numpy engine, timed beside the oneDNN one where that runs.
+NUMPY_ENGINE = "numpy_engine"
 
 # Rows checked exactly against the reference when checking every row costs too much.
 _CHECK_ROWS = 8
@@ -128,19 +130,42 @@ def _bench_case(be: Backend, case: BenchCase, rng: np.random.Generator, min_seco
         bias=be.from_numpy(bias, readonly=True))
     row["sku"] = plan.sku
     row["check"] = check_plan(be, plan, args, x, wq, ws, bias, rng)
-    t = time_stats(lambda: plan.run(args), be.synchronize, min_seconds, max_reps)
-    row.update(t.as_ms("qlinear"))
-    row["tops"] = desc.ops / t.median / 1e12
     details: dict[str, str] = {}
-    baselines: list[tuple[str, Any, str]] = []
+    runs: dict[str, Any] = {"qlinear": lambda: plan.run(args)}
     fm = float_matmul(be, m, k, n, dt)
     if fm is not None:
-        baselines.append((FLOAT_MATMUL, fm, float_matmul_detail(be)))
-    baselines += [(name, fn, getattr(fn, "detail", name)) for name, fn in _peers(be, case).items()]
-    for name, fn, detail in baselines:
-        tb = time_stats(fn, lambda: None, min_seconds, max_reps)
+        runs[FLOAT_MATMUL] = fm
+        details[FLOAT_MATMUL] = float_matmul_detail(be)
+    other = _other_engine(be, desc)
+    if other is not None:
+        other_plan, detail = other
+        check = check_plan(be, other_plan, args, x, wq, ws, bias, rng)
+        if check != "ok":
+            row["check"] = f"{NUMPY_ENGINE}: {check}"
+        runs[NUMPY_ENGINE] = lambda: other_plan.run(args)
+        details[NUMPY_ENGINE] = detail
+    for name, fn in _peers(be, case).items():
+        runs[name] = fn
+        details[name] = getattr(fn, "detail", name)
+    # One sync for all: a baseline's call waits for itself, and syncing an idle backend
+    # costs nothing.
+    stats = interleaved_stats(runs, be.synchronize, min_seconds, max_reps)
+    t = stats.pop("qlinear")
+    row.update(t.as_ms("qlinear"))
+    row["tops"] = desc.ops / t.median / 1e12
+    for name, tb in stats.items():
         row.update(tb.as_ms(name))
         row[f"vs_{name}"] = tb.median / t.median
-        details[name] = detail
     row["baselines"] = details
     return row
+
+
+def _other_engine(be: Backend, desc: QuantizedLinearDescriptor) -> tuple[Any, str] | None:
+    """On cpu running the oneDNN engine: the same problem's plan on the numpy engine, and
+    what it is in words (None elsewhere)."""
+    engine = getattr(be, "engine", None)
+    if be.name != "cpu" or engine is None or engine.engine == "numpy":
+        return None
+    with be.configured(engine="numpy"):  # type: ignore[attr-defined]
+        plan = QuantizedLinearPlan.select(be, desc)
+    return plan, f"the same plan on the cpu backend's numpy engine ({plan.sku})"

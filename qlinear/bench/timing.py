@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-__all__ = ["TimeStats", "time_stats"]
+__all__ = ["TimeStats", "time_stats", "interleaved_stats"]
 
 
 @dataclass(frozen=True)
@@ -42,3 +42,31 @@ def time_stats(fn: Callable[[], object], sync: Callable[[], object], min_seconds
         sync()
         times.append(time.perf_counter() - t0)
     return TimeStats(min(times), statistics.median(times), max(times), len(times))
+
+
+def interleaved_stats(fns: Mapping[str, Callable[[], object]], sync: Callable[[], object],
+                      min_seconds: float, max_reps: int, rounds: int = 5) -> dict[str, TimeStats]:
+    """Wall times of several callables (``fn(); sync()`` each) taken in alternating rounds,
+    so that drift on a shared machine hits all of them alike: after one uncounted warm-up
+    each, every round runs each callable for its share of ``min_seconds`` (at least once,
+    at most ``max_reps`` calls over all rounds). The spread is over the single calls."""
+    warm: dict[str, float] = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        warm[name] = time.perf_counter() - t0
+    rounds = max(1, min(rounds, max_reps))
+    share = min_seconds / rounds
+    per_round = {name: max(1, min(max_reps // rounds, int(share / max(w, 1e-9))))
+                 for name, w in warm.items()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(per_round[name]):
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times[name].append(time.perf_counter() - t0)
+    return {name: TimeStats(min(ts), statistics.median(ts), max(ts), len(ts))
+            for name, ts in times.items()}

@@ -1,0 +1,110 @@
+"""The cpu backend's two engines beside torch's W8A8 composition and numpy's float32
+matmul, side by side in one run.
+
+For each shape, four things are timed in alternating rounds, so that drift on a shared
+machine hits all of them: a cpu layer call (``layer.forward(x, out=y)``: validation,
+activation pass, exact int8 GEMM, dequant + bias) with the oneDNN engine and with the
+numpy engine, torch's W8A8 composition (per-token quant, ``torch._int_mm``, dequant +
+bias; :func:`qlinear.bench.torch_peers`) and ``numpy.matmul`` in float32. Each round
+times every one over the same number of calls and keeps the median call; the figures
+are the medians over rounds with their spread (min..max), and ratios are taken per
+round (baseline time / oneDNN-engine time: > 1 means the cpu layer is faster).
+
+    PYTHONPATH=. python benchmarks/cpu_engines.py [--rounds 7] [--json FILE]
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import qlinear as ql
+from qlinear.bench import run_meta
+from qlinear.bench.peers import TORCH_W8A8, torch_peers
+
+SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (512, 4096, 4096), (512, 384, 1536),
+          (1, 4096, 14336), (16, 4096, 14336), (512, 4096, 14336)]
+
+
+def median_call(fn, calls):
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def torch_threads():
+    import torch
+
+    return torch.get_num_threads()
+
+
+def spread(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--shapes", default="", help="M,K,N;M,K,N... (default: the issue's)")
+    ap.add_argument("--json", help="write the rows as JSON")
+    args = ap.parse_args()
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";") if s] or SHAPES
+    be = ql.backend("cpu")
+    if be.engine.engine != "onednn":
+        sys.exit(f"the oneDNN engine does not run here: {be.engine.why}")
+    rng = np.random.default_rng(0)
+    rows = []
+    print(f"{'M':>4} {'K':>5} {'N':>5} | {'onednn':>8} {'numpy':>8} {'torch':>8} {'np f32':>8} "
+          f"| {'vs torch':>15} {'vs np f32':>15}  (ms, medians of {args.rounds} rounds)")
+    for m, k, n in shapes:
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        bias = rng.standard_normal(n).astype(np.float32)
+        x = (rng.standard_normal((m, k)) * 3).astype(np.float32)
+        layer = ql.QuantizedLinear.from_float(w, bias, backend=be)
+        with be.configured(engine="numpy"):
+            layer_np = ql.QuantizedLinear.from_float(w, bias, backend=be)
+            layer_np.plan(m)
+        y, y_np = np.empty((m, n), np.float32), np.empty((m, n), np.float32)
+        a32 = rng.standard_normal((m, k)).astype(np.float32)
+        b32 = np.ascontiguousarray(w.T)
+        peer = torch_peers(m, k, n, "f32")[TORCH_W8A8]
+        runs = {"onednn": lambda: layer.forward(x, out=y),
+                "numpy": lambda: layer_np.forward(x, out=y_np),
+                "torch_w8a8": peer,
+                "numpy_f32": lambda: np.matmul(a32, b32)}
+        for fn in runs.values():
+            fn()  # warm-up: caches, first-touch, oneDNN's primitive cache
+        assert np.array_equal(y, y_np), "the engines differ"
+        calls = max(3, min(200, int(2e9 / (m * k * n))))
+        times = {name: [] for name in runs}
+        for _ in range(args.rounds):
+            for name, fn in runs.items():
+                times[name].append(median_call(fn, calls if name != "numpy" else
+                                               max(3, calls // 4)))
+        vs = {b: [tb / ta for tb, ta in zip(times[b], times["onednn"])]
+              for b in ("torch_w8a8", "numpy_f32", "numpy")}
+        row = {"m": m, "k": k, "n": n, "sku": layer.plan(m).sku,
+               "sku_numpy": layer_np.plan(m).sku,
+               **{f"{name}_ms": spread(v) for name, v in times.items()},
+               **{f"vs_{b}": spread(v) for b, v in vs.items()}, "calls": calls}
+        rows.append(row)
+        med = {name: statistics.median(v) for name, v in times.items()}
+        print(f"{m:>4} {k:>5} {n:>5} | {med['onednn']:>8.3f} {med['numpy']:>8.3f} "
+              f"{med['torch_w8a8']:>8.3f} {med['numpy_f32']:>8.3f} | "
+              f"{row['vs_torch_w8a8']['median']:>5.2f} [{row['vs_torch_w8a8']['min']:.2f}, "
+              f"{row['vs_torch_w8a8']['max']:.2f}] {row['vs_numpy_f32']['median']:>5.2f} "
+              f"[{row['vs_numpy_f32']['min']:.2f}, {row['vs_numpy_f32']['max']:.2f}]",
+              flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": run_meta(be.name, be.device_name, engine=be.engine.why, torch_threads=torch_threads()), "peer": peer.detail, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
