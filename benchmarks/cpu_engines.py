@@ -14,6 +14,7 @@ round (baseline time / oneDNN-engine time: > 1 means the cpu layer is faster).
 """
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -74,10 +75,10 @@ def main():
         a32 = rng.standard_normal((m, k)).astype(np.float32)
         b32 = np.ascontiguousarray(w.T)
         peer = torch_peers(m, k, n, "f32")[TORCH_W8A8]
-        runs = {"onednn": lambda: layer.forward(x, out=y),
-                "numpy": lambda: layer_np.forward(x, out=y_np),
+        runs = {"onednn": functools.partial(layer.forward, x, out=y),
+                "numpy": functools.partial(layer_np.forward, x, out=y_np),
                 "torch_w8a8": peer,
-                "numpy_f32": lambda: np.matmul(a32, b32)}
+                "numpy_f32": functools.partial(np.matmul, a32, b32)}
         for fn in runs.values():
             fn()  # warm-up: caches, first-touch, oneDNN's primitive cache
         assert np.array_equal(y, y_np), "the engines differ"
@@ -103,7 +104,9 @@ def main():
               flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": run_meta(be.name, be.device_name, engine=be.engine.why, torch_threads=torch_threads()), "peer": peer.detail, "rows": rows}, f, indent=1)
+            meta = run_meta(be.name, be.device_name, engine=be.engine.why,
+                            torch_threads=torch_threads())
+            json.dump({"meta": meta, "peer": peer.detail, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ skipped with the reason where numpy is what ``cpu`` runs already.
 
 from __future__ import annotations
 
-import pytest
-
 from collections.abc import Iterator
+
+import pytest
 
 from .backends import Backend, backend_names
 from .backends import backend as _get_backend

@@ -67,7 +67,8 @@ def test_cpu_numpy_variant_forces_the_numpy_engine(run, pytester):
     pytester.makepyfile(test_engine="""
 def test_engine(qlinear_backend):
     import qlinear as ql
-    plan = ql.QuantizedLinearPlan.select(qlinear_backend, ql.QuantizedLinearDescriptor(2, 3, 5, ql.f32))
+    desc = ql.QuantizedLinearDescriptor(2, 3, 5, ql.f32)
+    plan = ql.QuantizedLinearPlan.select(qlinear_backend, desc)
     assert ("blas_f32" in plan.sku) == (qlinear_backend.engine.engine == "numpy"), plan.sku
 """)
     result = run("--qlinear-backend=cpu", "test_engine.py")

@@ -23,7 +23,7 @@ import contextlib
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -49,8 +49,8 @@ from .cpu_engine import (
     host_facts,
     probe_int_mm,
 )
-from .cpu_quant import compute_type, quantize, quantize_rows
-from .cpu_torch import TorchEngine
+from .cpu_quant import compute_type, dequantize, quantize, quantize_rows
+from .cpu_torch import GRAIN, TorchEngine
 
 __all__ = ["CpuBackend", "create", "quantize_rows", "int_matmul", "dequantize",
            "subtract_zero_points"]
@@ -93,31 +93,6 @@ def subtract_zero_points(acc: np.ndarray, zp: np.ndarray, colsum: np.ndarray,
     return out
 
 
-def dequantize(acc: np.ndarray, scale: np.ndarray, weight_scale: np.ndarray,
-               bias: np.ndarray | None, out: np.ndarray) -> None:
-    """Step 5: ``out[M, N] = ((C(acc) * C(scale)) * C(weight_scale)) (+ C(bias))``, one rounding.
-
-    ``acc`` may be overwritten; it holds exact integers (as float32 or float64)."""
-    ct = np.dtype(np.float64) if out.dtype == np.float64 else np.dtype(np.float32)
-    # acc -> C first (float64 -> f32 rounds to nearest even, as f32(int32) does), then * scale.
-    y = np.multiply(acc, scale.astype(ct, copy=False)[:, None], dtype=ct,
-                    out=acc if acc.dtype == ct else None)
-    if bias is None:
-        _store(np.multiply, y, weight_scale.astype(ct, copy=False), out)
-    else:
-        y *= weight_scale.astype(ct, copy=False)
-        _store(np.add, y, bias.astype(ct, copy=False), out)
-
-
-def _store(op: Callable[..., Any], y: np.ndarray, operand: np.ndarray, out: np.ndarray) -> None:
-    """``out[...] = op(y, operand)`` rounded once to out's type; no temporary when it is y's."""
-    if out.dtype == y.dtype:
-        op(y, operand, out=out)
-    else:
-        op(y, operand, out=y)
-        out[...] = y
-
-
 def _scheme_tag(scheme: ActivationScheme) -> str:
     """``""`` for the default scheme (its sku is unchanged), else ``"_<scheme>"``."""
     return "" if scheme is ActivationScheme.DYNAMIC else f"_{scheme.value}"
@@ -134,7 +109,8 @@ class _QuantizeExecutable(Executable):
     def __init__(self, desc: DynamicRangeQuantizeDescriptor, torch: TorchEngine | None):
         self.desc = desc
         # The torch ops run the dynamic pass only; the other schemes stay in numpy.
-        self.torch = torch if desc.scheme is ActivationScheme.DYNAMIC and desc.k else None
+        self.torch = torch if desc.scheme is ActivationScheme.DYNAMIC and \
+            desc.m * desc.k > GRAIN else None
         self.sku = f"cpu.rowquant{_scheme_tag(desc.scheme)}" + ("_torch" if self.torch else "")
 
     def run(self, t: QuantizeTensors, stream: Any = None) -> None:

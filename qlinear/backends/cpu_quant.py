@@ -1,4 +1,6 @@
-"""The cpu backend's activation passes, one per :class:`~qlinear.ActivationScheme`, in numpy.
+"""The cpu backend's activation passes, one per :class:`~qlinear.ActivationScheme`, and its
+dequantization (step 5), in numpy: what both cpu engines run on small problems, and the
+numpy engine always.
 
 Each takes ``x[M, K]`` of TIn and returns ``(q, scale, zp)``: ``q[M, K]`` as the compute
 type C (f32; f64 when TIn is f64) holding integers in ``q_min..q_max``, ``scale[M]`` of TIn
@@ -18,12 +20,16 @@ DESIGN.md's rules ("Numerical contract", "Activation schemes"):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 
 from ..dtypes import DType, f64
 from ..schemes import ActivationScheme
 
-__all__ = ["compute_type", "dynamic_rows", "quantize_rows", "quantize_static", "quantize_asym", "quantize"]
+__all__ = ["compute_type", "dynamic_rows", "quantize_rows", "quantize_static", "quantize_asym",
+           "quantize", "dequantize"]
 
 
 def compute_type(dtype: DType) -> np.dtype:
@@ -161,3 +167,28 @@ def quantize(x: np.ndarray, dtype: DType, q_min: int, q_max: int, scheme: Activa
     assert input_scale is not None  # validation requires it for the static schemes
     q, scale, zp = quantize_static(x, dtype, q_min, q_max, input_scale, zero_point or 0)
     return q, scale, (zp if scheme.asymmetric else None)
+
+
+def dequantize(acc: np.ndarray, scale: np.ndarray, weight_scale: np.ndarray,
+               bias: np.ndarray | None, out: np.ndarray) -> None:
+    """Step 5: ``out[M, N] = ((C(acc) * C(scale)) * C(weight_scale)) (+ C(bias))``, one rounding.
+
+    ``acc`` may be overwritten; it holds exact integers (as float32 or float64)."""
+    ct = np.dtype(np.float64) if out.dtype == np.float64 else np.dtype(np.float32)
+    # acc -> C first (float64 -> f32 rounds to nearest even, as f32(int32) does), then * scale.
+    y = np.multiply(acc, scale.astype(ct, copy=False)[:, None], dtype=ct,
+                    out=acc if acc.dtype == ct else None)
+    if bias is None:
+        _store(np.multiply, y, weight_scale.astype(ct, copy=False), out)
+    else:
+        y *= weight_scale.astype(ct, copy=False)
+        _store(np.add, y, bias.astype(ct, copy=False), out)
+
+
+def _store(op: Callable[..., Any], y: np.ndarray, operand: np.ndarray, out: np.ndarray) -> None:
+    """``out[...] = op(y, operand)`` rounded once to out's type; no temporary when it is y's."""
+    if out.dtype == y.dtype:
+        op(y, operand, out=out)
+    else:
+        op(y, operand, out=y)
+        out[...] = y

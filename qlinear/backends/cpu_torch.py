@@ -33,9 +33,14 @@ from ..dtypes import DType, bf16
 from ..problem import LinearTensors, QuantizedLinearDescriptor, QuantizeTensors
 from ..schemes import ActivationScheme
 from ..tensors import Tensor
-from .cpu_quant import compute_type, dynamic_rows, quantize
+from .cpu_quant import compute_type, dequantize, dynamic_rows, quantize
 
-__all__ = ["TorchEngine"]
+__all__ = ["TorchEngine", "GRAIN"]
+
+#: Below this many elements a pass runs in numpy: torch's per-op dispatch then costs more
+#: than numpy's single thread, and torch does not split such a pass across threads anyway
+#: (its parallel grain size).
+GRAIN = 32768
 
 
 class TorchEngine:
@@ -129,41 +134,46 @@ class TorchEngine:
         """The whole linear call, ``step`` rows at a time."""
         torch = self.torch
         ct = compute_type(desc.dtype)
-        x, act_scale = t.activation.handle, t.act_scale_scratch.handle
+        act_scale = t.act_scale_scratch.handle
         act_q_all = self.view(t.act_q_scratch.handle)
         out_all = self.view(t.output.handle)
         w = self.weight(t.weight_q, desc.m)
-        ws = self.as_compute(t.weight_scale, ct)
-        bias = None if t.bias is None else self.as_compute(t.bias, ct)
         colsum = None if t.weight_colsum is None else self.view(t.weight_colsum.handle)
-        dynamic = desc.scheme is ActivationScheme.DYNAMIC
         for m0 in range(0, desc.m, step):
             rows = slice(None) if step >= desc.m else slice(m0, m0 + step)
             act_q = act_q_all[rows]
-            zp = None
+            scale, zp = self._quantize(desc, t, rows, act_q)
+            act_scale[rows] = scale
             if desc.k == 0:
-                act_scale[rows] = 1
                 acc = torch.zeros((act_q.shape[0], desc.c_out), dtype=torch.int32)
-                scale = act_scale[rows]
-            elif dynamic:
-                scale = self.quantize_dynamic(x[rows], desc.dtype, desc.q_min, desc.q_max,
-                                              act_q)
-                act_scale[rows] = scale
-                acc = torch._int_mm(act_q, w)
             else:
-                qf, scale, zp = quantize(x[rows], desc.dtype, desc.q_min, desc.q_max,
-                                         desc.scheme, t.input_scale, t.input_zero_point)
-                act_q.copy_(torch.from_numpy(qf))
-                act_scale[rows] = scale
                 acc = torch._int_mm(act_q, w)
             if zp is not None:
                 assert t.act_zp_scratch is not None and colsum is not None  # validated
                 t.act_zp_scratch.handle[rows] = zp
                 acc.sub_(torch.outer(torch.from_numpy(zp), colsum))
-            self.dequantize(acc, scale, ws, bias, out_all[rows], ct)
+            if acc.numel() <= GRAIN:
+                dequantize(acc.numpy(), scale, t.weight_scale.handle,
+                           None if t.bias is None else t.bias.handle, t.output.handle[rows])
+            else:
+                bias = None if t.bias is None else self.as_compute(t.bias, ct)
+                self.dequantize(acc, scale, self.as_compute(t.weight_scale, ct), bias,
+                                out_all[rows], ct)
+
+    def _quantize(self, desc: QuantizedLinearDescriptor, t: LinearTensors, rows: slice,
+                  act_q: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """Steps 1-3 for ``rows`` into ``act_q``: ``(scale, zp)`` as numpy arrays."""
+        x = t.activation.handle[rows]
+        if desc.scheme is ActivationScheme.DYNAMIC and x.size > GRAIN:
+            return self.quantize_dynamic(x, desc.dtype, desc.q_min, desc.q_max, act_q), None
+        q, scale, zp = quantize(x, desc.dtype, desc.q_min, desc.q_max, desc.scheme,
+                                t.input_scale, t.input_zero_point)
+        t.act_q_scratch.handle[rows] = q
+        return scale, zp
 
     def run_quantize(self, desc: Any, t: QuantizeTensors, step: int) -> None:
-        """The activation pass alone (dynamic scheme), ``step`` rows at a time."""
+        """The activation pass alone (dynamic scheme, more than :data:`GRAIN` elements),
+        ``step`` rows at a time."""
         act_q_all = self.view(t.act_q.handle)
         for m0 in range(0, desc.m, step):
             rows = slice(m0, m0 + step)
