@@ -1,9 +1,11 @@
-"""Host-side call overhead: cpu layer.forward at (1, 384, 1536) f32, and the time to
-encode one wgpu plan.run into a batch (validation + run cache + encoding). Prints JSON.
+"""Host-side call overhead: cpu layer.forward at (1, 384, 1536) f32 on each cpu engine
+(and the validation alone: plan.can_implement), and the time to encode one wgpu plan.run
+into a batch (validation + run cache + encoding). Prints JSON.
 
 Compare two commits by running it alternately from each one's tree:
 ``PYTHONPATH=<tree> OMP_NUM_THREADS=1 python benchmarks/call_overhead.py``."""
 
+import contextlib
 import json
 import time
 
@@ -27,10 +29,23 @@ w = rng.standard_normal((N, K)).astype(np.float32)
 b = rng.standard_normal(N).astype(np.float32)
 x = rng.standard_normal((M, K)).astype(np.float32)
 res = {}
-cpu = ql.QuantizedLinear.from_float(w, b, backend="cpu")
+cpu_be = ql.backend("cpu")
 y = np.empty((M, N), np.float32)
-cpu.forward(x, out=y)
-res["cpu layer.forward"] = best_of(lambda: cpu.forward(x, out=y))
+engines = [getattr(cpu_be, "engine", None)]
+for engine in ["numpy", "onednn"] if engines[0] is not None else [None]:
+    if engine == "onednn" and cpu_be.engine.engine != "onednn":
+        continue
+    ctx = cpu_be.configured(engine=engine) if engine else contextlib.nullcontext()
+    with ctx:
+        cpu = ql.QuantizedLinear.from_float(w, b, backend=cpu_be)
+        cpu.forward(x, out=y)
+    label = f"cpu layer.forward ({engine} engine)" if engine else "cpu layer.forward"
+    res[label] = best_of(lambda cpu=cpu: cpu.forward(x, out=y))
+    plan = cpu.plan(M)
+    q, s, _ = cpu.scratch(M)
+    cargs = ql.QuantizedLinearArgs(x, cpu.weight_q, cpu.weight_scale, y, q, s, cpu.bias)
+    res[f"{label}: validation (can_implement)"] = best_of(
+        lambda plan=plan, cargs=cargs: plan.can_implement(cargs))
 be = ql.backend("wgpu")
 wq, ws = ql.quantize_weight(w)
 plan = ql.QuantizedLinearPlan.select(be, ql.QuantizedLinearDescriptor(M, N, K, ql.f32))

@@ -308,7 +308,9 @@ class QuantizedLinear:
         """Run on a backend tensor ``x[M, K]``; write ``out[M, C_out]`` (allocated if None)
         and return it. Asynchronous on GPU backends."""
         be = self.backend
-        xt = be.wrap(x, name="activation")
+        # A host array goes to the plan as it is: the plan's checks (and their cache) see
+        # the caller's array, not a new wrapper per call.
+        xt = x if type(x) is np.ndarray and be.host_memory else be.wrap(x, name="activation")
         if xt.ndim != 2:
             raise InvalidProblem(f"activation: expected a 2-D tensor [M, K], got shape {xt.shape}")
         m = xt.shape[0]

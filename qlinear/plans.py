@@ -13,6 +13,7 @@ from typing import Any, ClassVar, TypeVar, Union
 from . import validate
 from .backends import Backend, Executable, PrecisionGuarantee
 from .backends import backend as get_backend
+from .check_cache import CheckCache
 from .dtypes import FLOAT_DTYPES, DType
 from .errors import InvalidProblem, QlinearError, Unsupported
 from .problem import (
@@ -39,6 +40,7 @@ class _Plan:
         self.descriptor = descriptor
         self._executable = executable
         self._expected = validate.expectations(self._bundle.args_type, descriptor)
+        self._checks = CheckCache(tuple(e[0] for e in self._expected), self._bundle)
 
     @classmethod
     def _make_executable(cls, be: Backend, desc: Any) -> Executable:
@@ -100,13 +102,28 @@ class _Plan:
 
         Empty problems are valid: with M = 0 (or C_out = 0 for the linear plan) nothing is
         computed or written (the arguments and the stream are still checked); with K = 0
-        every row has scale 1 and ``y = bias`` (or 0)."""
-        tensors = validate.check_args(self.backend, self.descriptor, args, self._bundle,
-                                      self._expected)
+        every row has scale 1 and ``y = bias`` (or 0).
+
+        Arguments the same as the last run's (the same backend tensors, the same writable
+        numpy arrays with the same shape, strides, dtype and address, the same numbers)
+        are recognised rather than checked again (:mod:`qlinear.check_cache`); the plan
+        keeps none of them alive."""
+        tensors = self._checked(args)
         self.backend.check_stream(stream)
         if self._is_empty():
             return
         self._executable.run(tensors, stream)
+
+    def _checked(self, args: Any) -> Any:
+        """The checked bundle of ``args`` (last run's, where they are last run's)."""
+        if type(args) is self._bundle.args_type:
+            tensors = self._checks.get(args)
+            if tensors is not None:
+                return tensors
+        tensors = validate.check_args(self.backend, self.descriptor, args, self._bundle,
+                                      self._expected)
+        self._checks.put(args, tensors)
+        return tensors
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.descriptor} sku={self.sku!r}>"

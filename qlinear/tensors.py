@@ -121,6 +121,17 @@ class Tensor:
         return Tensor(self.backend, self.device, shape, self.dtype, self.strides, self.handle,
                       self.memory, owner=self.owner, readonly=self.readonly, **where)
 
+    def rehandled(self, handle: Any) -> Tensor:
+        """A new view with this one's metadata over ``handle``, another object for the same
+        memory (a numpy array of the same address, shape, strides and dtype), unchecked;
+        its ``cache`` starts empty and ``owner`` is None."""
+        t = Tensor.__new__(Tensor)
+        t.backend, t.device, t.shape, t.dtype = self.backend, self.device, self.shape, self.dtype
+        t.strides, t.handle, t.memory, t.origin = self.strides, handle, self.memory, self.origin
+        t.data_ptr, t.buffer_offset, t.owner = self.data_ptr, self.buffer_offset, None
+        t.readonly, t.cache, t.size, t._span = self.readonly, {}, self.size, self._span
+        return t
+
     @property
     def ndim(self) -> int:
         """Number of dimensions."""

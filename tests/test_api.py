@@ -188,7 +188,9 @@ def test_cpu_weight_cache_only_for_readonly_tensors():
     for w in (ro, rw):
         plan.run(ql.QuantizedLinearArgs(x, w, np.ones(4, np.float32), np.empty((2, 4), np.float32),
                                         np.empty((2, 8), np.int8), np.empty(2, np.float32)))
-    assert ro.cache and not rw.cache
+    # Data derived from the contents only for the read-only one; the oneDNN engine keeps a
+    # torch view ("torch") with any tensor, which aliases its memory and derives nothing.
+    assert ro.cache and set(rw.cache) <= {"torch"}
     # A changed writable weight is seen by the next run.
     rw.handle[:] = 1
     out = np.empty((2, 4), np.float32)

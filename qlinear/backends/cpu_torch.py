@@ -65,6 +65,14 @@ class TorchEngine:
             return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(arr)
 
+    def view_of(self, t: Tensor) -> Any:
+        """The torch view of a tensor's array, kept with the tensor: a view aliases the
+        caller's memory, so it stays right whether or not the tensor is read-only."""
+        got = t.cache.get("torch")
+        if got is None:
+            got = t.cache["torch"] = self.view(t.handle)
+        return got
+
     def cached(self, t: Tensor, key: Any, make: Any) -> Any:
         """``make()``, kept in ``t.cache`` when ``t`` is read-only (its data cannot change)."""
         got = t.cache.get(key)
@@ -81,7 +89,7 @@ class TorchEngine:
 
     def weight(self, t: Tensor, m: int) -> Any:
         """``weight_q.T`` as the GEMM reads it fastest for ``m`` rows (see the module)."""
-        w_nk = self.cached(t, ("torch", "nk"), lambda: self.view(t.handle))
+        w_nk = self.view_of(t)
         k = w_nk.shape[1]
         # With K = 1 the transposed view's strides are (1, 1), which oneDNN misreads (wrong
         # sums, checked with torch 2.13): a [K, N] copy made with explicit strides is right.
@@ -135,10 +143,10 @@ class TorchEngine:
         torch = self.torch
         ct = compute_type(desc.dtype)
         act_scale = t.act_scale_scratch.handle
-        act_q_all = self.view(t.act_q_scratch.handle)
-        out_all = self.view(t.output.handle)
+        act_q_all = self.view_of(t.act_q_scratch)
+        out_all = self.view_of(t.output)
         w = self.weight(t.weight_q, desc.m)
-        colsum = None if t.weight_colsum is None else self.view(t.weight_colsum.handle)
+        colsum = None if t.weight_colsum is None else self.view_of(t.weight_colsum)
         for m0 in range(0, desc.m, step):
             rows = slice(None) if step >= desc.m else slice(m0, m0 + step)
             act_q = act_q_all[rows]
@@ -174,7 +182,7 @@ class TorchEngine:
     def run_quantize(self, desc: Any, t: QuantizeTensors, step: int) -> None:
         """The activation pass alone (dynamic scheme, more than :data:`GRAIN` elements),
         ``step`` rows at a time."""
-        act_q_all = self.view(t.act_q.handle)
+        act_q_all = self.view_of(t.act_q)
         for m0 in range(0, desc.m, step):
             rows = slice(m0, m0 + step)
             t.act_scale.handle[rows] = self.quantize_dynamic(
