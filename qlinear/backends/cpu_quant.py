@@ -46,22 +46,22 @@ def dynamic_rows(amax: np.ndarray, dtype: DType, q_min: int,
     not finite); ``divisor[M]`` in C is what x is divided by (1 in ``bad`` rows); ``bad``
     marks the rows whose q is 0 (None when there are none); ``clip`` says whether some
     ``rint(x / divisor)`` can round past the range. Every engine applies it to its own
-    reductions, so the rule is written once."""
+    reductions, so the rule is written once. Callers hold
+    ``np.errstate(invalid="ignore", over="ignore")`` (NaN and Inf rows are expected)."""
     ct = amax.dtype
-    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
-        scale = (amax / ct.type(q_max)).astype(dtype.numpy)
-        divisor = scale.astype(ct)
-        bad = None
-        # Rows whose stored scale is 0 (all-zero, or underflowed in TIn), NaN or Inf.
-        if not (divisor.min() > 0 and divisor.max() < np.inf):
-            bad = ~(np.isfinite(divisor) & (divisor != 0))
-            scale[divisor == 0] = 1
-            scale[~np.isfinite(divisor)] = np.nan
-            divisor[bad] = 1
-            amax = np.where(bad, ct.type(0), amax)
-        # |x| <= amax, and division and rint are monotonic: clamping is needed only if some
-        # row's amax / scale can round past the range.
-        clip = bool((amax / divisor).max() >= min(q_max, -q_min) + 0.5)
+    scale = (amax / ct.type(q_max)).astype(dtype.numpy)
+    divisor = scale.astype(ct)
+    bad = None
+    # Rows whose stored scale is 0 (all-zero, or underflowed in TIn), NaN or Inf.
+    if not (divisor.min() > 0 and divisor.max() < np.inf):
+        bad = ~(np.isfinite(divisor) & (divisor != 0))
+        scale[divisor == 0] = 1
+        scale[~np.isfinite(divisor)] = np.nan
+        divisor[bad] = 1
+        amax = np.where(bad, ct.type(0), amax)
+    # |x| <= amax, and division and rint are monotonic: clamping is needed only if some
+    # row's amax / scale can round past the range.
+    clip = bool((amax / divisor).max() >= min(q_max, -q_min) + 0.5)
     return scale, divisor, bad, clip
 
 
@@ -78,8 +78,8 @@ def quantize_rows(x: np.ndarray, dtype: DType, q_min: int,
         return np.zeros((m, 0), ct), np.ones(m, dtype.numpy)
     # max(max, -min) is max|x| without an |x| temporary; NaN propagates through both.
     amax = np.maximum(xc.max(axis=1), -xc.min(axis=1))
-    scale, divisor, bad, clip = dynamic_rows(amax, dtype, q_min, q_max)
     with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+        scale, divisor, bad, clip = dynamic_rows(amax, dtype, q_min, q_max)
         q = xc / divisor[:, None]
         np.rint(q, out=q)
         if clip:
