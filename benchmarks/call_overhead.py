@@ -46,6 +46,10 @@ for engine in ["numpy", "onednn"] if engines[0] is not None else [None]:
     cargs = ql.QuantizedLinearArgs(x, cpu.weight_q, cpu.weight_scale, y, q, s, cpu.bias)
     res[f"{label}: validation (can_implement)"] = best_of(
         lambda plan=plan, cargs=cargs: plan.can_implement(cargs))
+    if hasattr(plan, "_checked"):  # the run's checks, last run's arguments recognised
+        plan._checked(cargs)
+        res[f"{label}: checks of run, same arguments again"] = best_of(
+            lambda plan=plan, cargs=cargs: plan._checked(cargs))
 be = ql.backend("wgpu")
 wq, ws = ql.quantize_weight(w)
 plan = ql.QuantizedLinearPlan.select(be, ql.QuantizedLinearDescriptor(M, N, K, ql.f32))

@@ -125,7 +125,22 @@ def test_the_probe_catches_int16_saturation():
     found = cpu_engine.probe_int_mm(_FakeTorch(exact=False))
     assert not found.exact and "sums wrong" in found.detail
     assert cpu_engine.probe_int_mm(_FakeTorch(exact=True)).exact
-    assert "neither VNNI nor AMX" in cpu_engine.probe_int_mm(_FakeTorch(vnni=False)).detail
+    assert cpu_engine.torch_isa(_FakeTorch(vnni=False)) is False
+    assert cpu_engine.torch_isa(_FakeTorch(vnni=True)) is True
+    assert cpu_engine.torch_isa(type("torch", (), {"cpu": None})) is None
+
+
+def test_torch_is_asked_about_the_cpu_only_where_the_os_does_not_say(monkeypatch):
+    """Where /proc/cpuinfo lists the flags they decide (an AVX-VNNI CPU whose torch knows
+    only AVX512-VNNI still runs the probe); elsewhere torch's detection can refuse."""
+    fake = _FakeTorch(exact=True, vnni=False)
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    for isa, engine in ((frozenset({"avx_vnni"}), "onednn"), (None, "numpy")):
+        monkeypatch.setattr(cpu, "host_facts",
+                            lambda isa=isa: HostFacts(torch=True, machine="x86_64", isa=isa))
+        be = cpu.CpuBackend("auto")
+        assert be.engine.engine == engine, be.engine
+    assert "torch finds neither VNNI nor AMX" in be.engine.why
     old = type("torch", (), {"__version__": "1.old"})  # before torch._int_mm
     assert "torch 1.old has no torch._int_mm" in cpu_engine.probe_int_mm(old).detail
 

@@ -43,11 +43,13 @@ from .base import Backend, Executable, PrecisionGuarantee
 from .cpu_engine import (
     ENGINES,
     EngineChoice,
+    HostFacts,
     ProbeResult,
     choose_engine,
     engine_setting,
     host_facts,
     probe_int_mm,
+    torch_isa,
 )
 from .cpu_quant import compute_type, dequantize, quantize, quantize_rows
 from .cpu_torch import GRAIN, TorchEngine
@@ -234,18 +236,23 @@ class CpuBackend(Backend):
             with self._lock:
                 choice = self._choices.get(setting)
                 if choice is None:
-                    choice = choose_engine(setting, host_facts(), self._probe)
+                    facts = host_facts()
+                    choice = choose_engine(setting, facts, lambda: self._probe(facts))
                     self._choices[setting] = choice
         return choice
 
-    def _probe(self) -> ProbeResult:
+    def _probe(self, facts: HostFacts) -> ProbeResult:
         if self._probed is None:
             try:
                 import torch
             except Exception as e:  # a broken install counts as none
                 self._probed = ProbeResult(False, f"import torch failed: {e}")
             else:
-                self._probed = probe_int_mm(torch)
+                if facts.isa is None and torch_isa(torch) is False:
+                    self._probed = ProbeResult(False, "torch finds neither VNNI nor AMX on "
+                                                      "this CPU")
+                else:
+                    self._probed = probe_int_mm(torch)
                 if self._probed.exact:
                     self._torch = TorchEngine(torch)
         return self._probed

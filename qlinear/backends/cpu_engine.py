@@ -18,8 +18,8 @@ The choice, in order (:func:`choose_engine`):
    (default) takes oneDNN where it can run, else numpy;
 2. torch must be importable (found without importing it: nothing imports torch until
    this engine is chosen);
-3. the CPU must have VNNI or AMX (``/proc/cpuinfo`` on Linux, torch's own detection
-   elsewhere);
+3. the CPU must have VNNI or AMX (``/proc/cpuinfo`` on Linux; elsewhere torch's own
+   detection, :func:`torch_isa`);
 4. the probe (:func:`probe_int_mm`): on first use, GEMMs of extreme values (-128, -127,
    127) over a long K, in both weight layouts the engine uses, must equal the exact
    int64 product; if one differs the engine is not used and ``qlinear info`` says why.
@@ -39,7 +39,7 @@ import numpy as np
 from ..errors import BackendUnavailable
 
 __all__ = ["ENGINE_SETTING", "ENGINES", "HostFacts", "EngineChoice", "choose_engine",
-           "engine_setting", "host_facts", "probe_int_mm", "ProbeResult"]
+           "engine_setting", "host_facts", "probe_int_mm", "ProbeResult", "torch_isa"]
 
 #: The environment variable read when the cpu backend is created.
 ENGINE_SETTING = "QLINEAR_CPU_ENGINE"
@@ -156,8 +156,9 @@ def _probe_operands(rng: np.random.Generator, m: int, k: int, n: int) -> tuple[n
     return a, w
 
 
-def _torch_isa(torch: Any) -> bool | None:
-    """Whether torch finds VNNI or AMX here (None where this torch does not say)."""
+def torch_isa(torch: Any) -> bool | None:
+    """Whether torch finds VNNI or AMX here (None where this torch does not say): asked
+    only where the OS does not list the CPU's flags."""
     checks = [getattr(torch.cpu, name, None) for name in
               ("_is_vnni_supported", "_is_amx_tile_supported")]
     answers = []
@@ -177,9 +178,6 @@ def probe_int_mm(torch: Any) -> ProbeResult:
     layouts the engine runs, over K = 4099 (a long, odd K). Never raises."""
     if not hasattr(torch, "_int_mm"):
         return ProbeResult(False, f"torch {torch.__version__} has no torch._int_mm")
-    isa = _torch_isa(torch)
-    if isa is False:
-        return ProbeResult(False, "torch finds neither VNNI nor AMX on this CPU")
     rng = np.random.default_rng(20260)
     k, n = 4099, 37
     try:
