@@ -1,21 +1,24 @@
 """The cpu backend's two engines beside torch's W8A8 composition and numpy's float32
 matmul, side by side in one run.
 
-For each shape, four things are timed in alternating rounds, so that drift on a shared
-machine hits all of them: a cpu layer call (``layer.forward(x, out=y)``: validation,
-activation pass, exact int8 GEMM, dequant + bias) with the oneDNN engine and with the
-numpy engine, torch's W8A8 composition (per-token quant, ``torch._int_mm``, dequant +
-bias; :func:`qlinear.bench.torch_peers`) and ``numpy.matmul`` in float32. Each round
-times every one over the same number of calls and keeps the median call; the figures
-are the medians over rounds with their spread (min..max), and ratios are taken per
-round (baseline time / oneDNN-engine time: > 1 means the cpu layer is faster).
+For each shape four things are timed: a cpu layer call (``layer.forward(x, out=y)``:
+argument checks, activation pass, exact int8 GEMM, dequant + bias) with the oneDNN
+engine and with the numpy engine, torch's W8A8 composition (per-token quant,
+``torch._int_mm``, dequant + bias; :func:`qlinear.bench.torch_peers`) and
+``numpy.matmul`` in float32. They are interleaved call by call: each step calls every
+one once, in an order shuffled at every step, so that drift on a shared machine, and
+whatever a call leaves behind for the next (numpy's BLAS threads spin for a while after
+a call), hit all of them alike. A ratio is taken per step (baseline time / oneDNN-engine
+time: > 1 means the cpu layer is faster); the figures are medians over the steps, with
+the interquartile range and the extremes as the spread.
 
-    PYTHONPATH=. python benchmarks/cpu_engines.py [--rounds 7] [--json FILE]
+    PYTHONPATH=. python benchmarks/cpu_engines.py [--seconds 4] [--json FILE]
 """
 
 import argparse
 import functools
 import json
+import random
 import statistics
 import sys
 import time
@@ -30,13 +33,23 @@ SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (512, 4096, 4096), (512, 384, 1536)
           (1, 4096, 14336), (16, 4096, 14336), (512, 4096, 14336)]
 
 
-def median_call(fn, calls):
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+def interleaved(runs, seconds, min_steps=15, max_steps=2000):
+    """Per-call times (ms) of every run, one call each per step in a shuffled order: each
+    run follows every other equally often (numpy's BLAS threads keep spinning for a while
+    after a call and slow whatever comes next)."""
+    names = list(runs)
+    times = {name: [] for name in names}
+    order = random.Random(0)
+    start = time.perf_counter()
+    step = 0
+    while step < max_steps and (step < min_steps or time.perf_counter() - start < seconds):
+        order.shuffle(names)
+        for name in names:
+            t0 = time.perf_counter()
+            runs[name]()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        step += 1
+    return times
 
 
 def torch_threads():
@@ -46,12 +59,14 @@ def torch_threads():
 
 
 def spread(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return {"median": statistics.median(values), "q1": q1, "q3": q3, "min": min(values),
+            "max": max(values), "n": len(values)}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--seconds", type=float, default=4.0, help="per shape (at least 15 steps)")
     ap.add_argument("--shapes", default="", help="M,K,N;M,K,N... (default: the issue's)")
     ap.add_argument("--json", help="write the rows as JSON")
     args = ap.parse_args()
@@ -62,7 +77,7 @@ def main():
     rng = np.random.default_rng(0)
     rows = []
     print(f"{'M':>4} {'K':>5} {'N':>5} | {'onednn':>8} {'numpy':>8} {'torch':>8} {'np f32':>8} "
-          f"| {'vs torch':>15} {'vs np f32':>15}  (ms, medians of {args.rounds} rounds)")
+          f"| {'vs torch [IQR]':>17} {'vs np f32 [IQR]':>17}  (ms, medians over steps)")
     for m, k, n in shapes:
         w = rng.standard_normal((n, k)).astype(np.float32)
         bias = rng.standard_normal(n).astype(np.float32)
@@ -82,26 +97,20 @@ def main():
         for fn in runs.values():
             fn()  # warm-up: caches, first-touch, oneDNN's primitive cache
         assert np.array_equal(y, y_np), "the engines differ"
-        calls = max(3, min(200, int(2e9 / (m * k * n))))
-        times = {name: [] for name in runs}
-        for _ in range(args.rounds):
-            for name, fn in runs.items():
-                times[name].append(median_call(fn, calls if name != "numpy" else
-                                               max(3, calls // 4)))
+        times = interleaved(runs, args.seconds)
         vs = {b: [tb / ta for tb, ta in zip(times[b], times["onednn"])]
               for b in ("torch_w8a8", "numpy_f32", "numpy")}
         row = {"m": m, "k": k, "n": n, "sku": layer.plan(m).sku,
                "sku_numpy": layer_np.plan(m).sku,
                **{f"{name}_ms": spread(v) for name, v in times.items()},
-               **{f"vs_{b}": spread(v) for b, v in vs.items()}, "calls": calls}
+               **{f"vs_{b}": spread(v) for b, v in vs.items()}}
         rows.append(row)
         med = {name: statistics.median(v) for name, v in times.items()}
+        r1, r2 = row["vs_torch_w8a8"], row["vs_numpy_f32"]
         print(f"{m:>4} {k:>5} {n:>5} | {med['onednn']:>8.3f} {med['numpy']:>8.3f} "
               f"{med['torch_w8a8']:>8.3f} {med['numpy_f32']:>8.3f} | "
-              f"{row['vs_torch_w8a8']['median']:>5.2f} [{row['vs_torch_w8a8']['min']:.2f}, "
-              f"{row['vs_torch_w8a8']['max']:.2f}] {row['vs_numpy_f32']['median']:>5.2f} "
-              f"[{row['vs_numpy_f32']['min']:.2f}, {row['vs_numpy_f32']['max']:.2f}]",
-              flush=True)
+              f"{r1['median']:>5.2f} [{r1['q1']:.2f}, {r1['q3']:.2f}] "
+              f"{r2['median']:>5.2f} [{r2['q1']:.2f}, {r2['q3']:.2f}]", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             meta = run_meta(be.name, be.device_name, engine=be.engine.why,

@@ -13,7 +13,7 @@ import pytest
 import qlinear as ql
 from qlinear.backends import cpu, cpu_engine
 from qlinear.backends.cpu_engine import EngineChoice, HostFacts, ProbeResult, choose_engine
-from qlinear.backends.cpu_torch import GRAIN
+from qlinear.backends.cpu_torch import EPILOGUE_GRAIN, QUANT_GRAIN
 from qltest import (
     assert_bitwise_equal,
     oracle_linear_scheme,
@@ -166,9 +166,10 @@ def _onednn_or_skip():
 def test_sku_and_info_name_the_engine():
     be = _onednn_or_skip()
     sel = ql.QuantizedLinearPlan.select
-    assert "+onednn_s8_wnk+" in sel(be, ql.QuantizedLinearDescriptor(1, 8, 16, ql.f32)).sku
-    assert "+onednn_s8_wkn+" in sel(be, ql.QuantizedLinearDescriptor(2, 8, 16, ql.f32)).sku
-    assert "+onednn_s8_wkn+" in sel(be, ql.QuantizedLinearDescriptor(1, 8, 1, ql.f32)).sku
+    for m, k, layout in ((1, 8, "wnk"), (2, 8, "wkn"), (8, 8, "wt"), (32, 8, "wt"),
+                         (33, 8, "wkn"), (1, 1, "wkn"), (16, 1, "wkn")):
+        sku = sel(be, ql.QuantizedLinearDescriptor(m, 16, k, ql.f32)).sku
+        assert f"+onednn_s8_{layout}+" in sku, (m, k, sku)
     info = be.info()
     assert info["engine"] == "onednn" and "torch._int_mm" in info["engine_why"]
     with be.configured(engine="numpy"):
@@ -176,7 +177,7 @@ def test_sku_and_info_name_the_engine():
         numpy_sku = sel(be, ql.QuantizedLinearDescriptor(2, 8, 16, ql.f32)).sku
         assert "+blas_f32_kchunk1032+" in numpy_sku
     assert be.setting == "auto"
-    big = ql.DynamicRangeQuantizeDescriptor(m=GRAIN // 64 + 1, k=64, dtype=ql.f32)
+    big = ql.DynamicRangeQuantizeDescriptor(m=QUANT_GRAIN // 64 + 1, k=64, dtype=ql.f32)
     assert ql.DynamicRangeQuantizePlan.select(be, big).sku == "cpu.rowquant_torch"
     small = ql.DynamicRangeQuantizeDescriptor(m=2, k=64, dtype=ql.f32)
     assert ql.DynamicRangeQuantizePlan.select(be, small).sku == "cpu.rowquant"
@@ -251,8 +252,23 @@ def _run(be, engine, desc, x, wq, ws, bias, extra, readonly, rng):
     return plan.sku, args
 
 
+# Every operand layout of cpu_torch.gemm_layout, with a read-only and a writable weight:
+# M = 1 "wnk"; M = 5 "wkn" (writable: "wt"); M = 9 and 16 "wt"; M = 40 "wkn" (writable:
+# "wnk"); K = 1 "wkn".
 SHAPES = {"decode": (1, 300, 70), "small": (5, 64, 40), "k1": (6, 1, 9),
-          "torch-ops": (9, GRAIN // 8 + 3, 4001), "rows-only": (40, 900, 20)}
+          "torch-ops": (9, 70, 33), "batch": (16, 130, 50), "rows-only": (40, 90, 20)}
+
+
+@pytest.fixture
+def grains(request, monkeypatch):
+    """For the "torch-ops" shapes, grains low enough that both passes run in torch ops
+    (the same code as above the real grains, on problems the oracle checks quickly)."""
+    from qlinear.backends import cpu_torch
+
+    if request.node.callspec.params.get("shape") == "torch-ops":
+        for mod in (cpu, cpu_torch):
+            monkeypatch.setattr(mod, "QUANT_GRAIN", 64, raising=False)
+        monkeypatch.setattr(cpu_torch, "EPILOGUE_GRAIN", 64)
 
 
 @pytest.mark.parametrize("readonly", [True, False], ids=["readonly", "writable"])
@@ -260,7 +276,8 @@ SHAPES = {"decode": (1, 300, 70), "small": (5, 64, 40), "k1": (6, 1, 9),
 @pytest.mark.parametrize("scheme", list(ql.ActivationScheme),
                          ids=[s.value for s in ql.ActivationScheme])
 @pytest.mark.parametrize("dtype", [ql.f32, ql.f16, ql.bf16, ql.f64], ids=lambda d: d.name)
-def test_the_engines_agree_with_each_other_and_the_oracle(dtype, scheme, shape, readonly, rng):
+def test_the_engines_agree_with_each_other_and_the_oracle(dtype, scheme, shape, readonly, rng,
+                                                          grains):
     be = _onednn_or_skip()
     m, k, n = SHAPES[shape]
     x = (shifted_activation if scheme.asymmetric else random_activation)(rng, m, k, dtype)
@@ -293,7 +310,7 @@ def test_the_engines_agree_with_each_other_and_the_oracle(dtype, scheme, shape, 
 @pytest.mark.parametrize("dtype", [ql.f32, ql.f16, ql.bf16, ql.f64], ids=lambda d: d.name)
 def test_the_activation_pass_in_torch_ops_matches_the_oracle(dtype, rng):
     be = _onednn_or_skip()
-    m, k = 7, GRAIN // 7 + 11
+    m, k = 7, QUANT_GRAIN // 7 + 11
     x = _special_rows(random_activation(rng, m, k, dtype), rng, dtype)
     desc = ql.DynamicRangeQuantizeDescriptor(m=m, k=k, dtype=dtype, q_min=-100, q_max=90)
     plan = ql.DynamicRangeQuantizePlan.select(be, desc)
@@ -306,10 +323,11 @@ def test_the_activation_pass_in_torch_ops_matches_the_oracle(dtype, rng):
     assert_bitwise_equal(q.astype(np.int64), want_q, "act_q")
 
 
-def test_a_writable_weight_is_read_afresh_each_run(rng):
+@pytest.mark.parametrize("m", [1, 3, 16, 40])
+def test_a_writable_weight_is_read_afresh_each_run(rng, m):
     """Nothing derived from a writable weight is kept: a change shows in the next run."""
     be = _onednn_or_skip()
-    m, k, n = 3, 40, 6
+    k, n = 40, 6
     x = random_activation(rng, m, k, ql.f32)
     wq = random_weight(rng, n, k)
     ws = random_scale(rng, n, ql.f32)
@@ -324,3 +342,20 @@ def test_a_writable_weight_is_read_afresh_each_run(rng):
     plan.run(args)
     want_y = oracle_linear_scheme(x, wq, ws, None, ql.f32, "dynamic", q_max=127)[0]
     assert_bitwise_equal(args.output, want_y, "output after the weight changed")
+
+
+@pytest.mark.parametrize("dtype", [ql.f32, ql.bf16], ids=lambda d: d.name)
+def test_a_problem_above_the_real_grains(dtype, rng):
+    """Both passes in torch ops at their real thresholds, across torch's threads."""
+    be = _onednn_or_skip()
+    m, k, n = 64, QUANT_GRAIN // 64 + 3, EPILOGUE_GRAIN // 64 + 5
+    x = _special_rows(random_activation(rng, m, k, dtype), rng, dtype)
+    wq, ws = random_weight(rng, n, k), random_scale(rng, n, dtype)
+    bias = random_scale(rng, n, dtype)
+    desc = ql.QuantizedLinearDescriptor(m=m, c_out=n, k=k, dtype=dtype)
+    sku, a = _run(be, "onednn", desc, x, wq, ws, bias, {}, True, rng)
+    want_y, want_q, want_s, _ = oracle_linear_scheme(x, wq, ws, bias, dtype, "dynamic",
+                                                     q_max=127)
+    assert_bitwise_equal(a.act_scale_scratch, want_s, f"act_scale_scratch [{sku}]")
+    assert_bitwise_equal(a.act_q_scratch.astype(np.int64), want_q, f"act_q_scratch [{sku}]")
+    assert_bitwise_equal(a.output, want_y, f"output [{sku}]")

@@ -52,7 +52,7 @@ from .cpu_engine import (
     torch_isa,
 )
 from .cpu_quant import compute_type, dequantize, quantize, quantize_rows
-from .cpu_torch import GRAIN, TorchEngine
+from .cpu_torch import QUANT_GRAIN, TorchEngine, gemm_layout
 
 __all__ = ["CpuBackend", "create", "quantize_rows", "int_matmul", "dequantize",
            "subtract_zero_points"]
@@ -112,7 +112,7 @@ class _QuantizeExecutable(Executable):
         self.desc = desc
         # The torch ops run the dynamic pass only; the other schemes stay in numpy.
         self.torch = torch if desc.scheme is ActivationScheme.DYNAMIC and \
-            desc.m * desc.k > GRAIN else None
+            desc.m * desc.k > QUANT_GRAIN else None
         self.sku = f"cpu.rowquant{_scheme_tag(desc.scheme)}" + ("_torch" if self.torch else "")
 
     def run(self, t: QuantizeTensors, stream: Any = None) -> None:
@@ -147,8 +147,8 @@ class _LinearExecutable(Executable):
         zp = "+zp" if desc.scheme.asymmetric else ""
         gemm = f"blas_{'f64' if ct == np.float64 else 'f32'}_kchunk{self.chunk}"
         if torch is not None:
-            # The weight layout the GEMM reads (see cpu_torch): as stored at M = 1.
-            gemm = f"onednn_s8_w{'nk' if desc.m == 1 and desc.k > 1 else 'kn'}"
+            # How the GEMM reads the weight (cpu_torch.gemm_layout; a read-only one's).
+            gemm = f"onednn_s8_{gemm_layout(desc.m, desc.k, True)}"
             self.precision_guarantee = PrecisionGuarantee(
                 note="the reference: exact division, round half to even, exact int32 via "
                      "oneDNN's s8 GEMM (probed at first use)")

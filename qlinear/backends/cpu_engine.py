@@ -21,7 +21,7 @@ The choice, in order (:func:`choose_engine`):
 3. the CPU must have VNNI or AMX (``/proc/cpuinfo`` on Linux; elsewhere torch's own
    detection, :func:`torch_isa`);
 4. the probe (:func:`probe_int_mm`): on first use, GEMMs of extreme values (-128, -127,
-   127) over a long K, in both weight layouts the engine uses, must equal the exact
+   127) over a long K, in every operand layout the engine uses, must equal the exact
    int64 product; if one differs the engine is not used and ``qlinear info`` says why.
 """
 
@@ -173,22 +173,28 @@ def torch_isa(torch: Any) -> bool | None:
 
 
 def probe_int_mm(torch: Any) -> ProbeResult:
-    """``torch._int_mm`` on extreme values against the exact int64 product: M = 1 with the
-    weight as stored ([N, K], read transposed) and M = 17 with a [K, N] copy, the two
-    layouts the engine runs, over K = 4099 (a long, odd K). Never raises."""
+    """``torch._int_mm`` on extreme values against the exact int64 product, in the three
+    operand layouts the engine runs (:func:`qlinear.backends.cpu_torch.gemm_layout`):
+    M = 1 with the weight as stored ([N, K], read transposed), M = 17 with a [K, N] copy,
+    and M = 17 with the weight first (``W @ q.T``), over K = 4099 (long and odd). Never
+    raises."""
     if not hasattr(torch, "_int_mm"):
         return ProbeResult(False, f"torch {torch.__version__} has no torch._int_mm")
     rng = np.random.default_rng(20260)
     k, n = 4099, 37
     try:
-        for m, contiguous in ((1, False), (17, True), (1, True), (17, False)):
+        for m, layout in ((1, "wnk"), (17, "wkn"), (17, "wt"), (1, "wkn")):
             a, w = _probe_operands(rng, m, k, n)
-            w_t = torch.from_numpy(w).t()
-            got = torch._int_mm(torch.from_numpy(a), w_t.contiguous() if contiguous else w_t)
+            at, wt = torch.from_numpy(a), torch.from_numpy(w)
+            if layout == "wt":
+                got = torch._int_mm(wt, at.t()).t()
+            else:
+                got = torch._int_mm(at, wt.t().contiguous() if layout == "wkn" else wt.t())
             want = a.astype(np.int64) @ w.astype(np.int64).T
             if got.dtype != torch.int32 or not np.array_equal(got.numpy(), want):
                 bad = int((got.numpy().astype(np.int64) != want).sum())
-                return ProbeResult(False, f"M={m} K={k} N={n}: {bad} of {m * n} sums wrong")
+                return ProbeResult(False, f"M={m} K={k} N={n} ({layout}): {bad} of {m * n} "
+                                          f"sums wrong")
     except (RuntimeError, NotImplementedError, TypeError) as e:
         return ProbeResult(False, f"torch._int_mm failed: {e}")
     cap = ""

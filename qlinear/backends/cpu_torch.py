@@ -3,23 +3,21 @@
 The engine runs on the caller's numpy memory through zero-copy torch views
 (``torch.from_numpy``; bf16 through an int16 view). For ``x[M, K]`` of TIn:
 
-1. ``amax[m]``: ``torch.amax`` and ``torch.amin`` per row, then ``max(max, -min)``
-   (exact in any type, NaN propagating), read back as C;
+1. ``amax[m]``: ``torch.amax`` and ``torch.amin`` per row, then ``max(max, -min)`` in C
+   on the [M] vectors (exact in any type, NaN propagating);
 2. the per-row rule (scale, divisor, rows that quantize to 0, whether to clamp) is
    :func:`~qlinear.backends.cpu_quant.dynamic_rows`, the numpy engine's own; the static
    and asymmetric schemes run the numpy engine's activation pass whole;
 3. ``q = rint(x / divisor)`` (one correctly rounded C division, round half to even),
    clamped where the rule says so, written into the caller's int8 scratch;
-4. ``acc = torch._int_mm(q, weight)``: oneDNN's s8 x s8 -> s32 GEMM, exact on the CPUs
-   :mod:`~qlinear.backends.cpu_engine` admits; the zero point's
+4. ``acc = q @ weight_q.T`` by ``torch._int_mm``, oneDNN's s8 x s8 -> s32 GEMM: exact on
+   the CPUs :mod:`~qlinear.backends.cpu_engine` admits; the zero point's
    ``acc - zp[m] * colsum[n]`` in int32 (exact: the descriptor bounds K so that it fits);
 5. ``y = ((C(acc) * C(scale)) * C(weight_scale)) (+ C(bias))``: one torch op per
    operation, never fused into a multiply-add, rounded once to TIn.
 
 So the bits are the numpy engine's (the test suite runs every oracle test on both).
-M = 1 reads the weight as stored, ``[N, K]`` (oneDNN's GEMV streams its rows); larger
-M reads a ``[K, N]`` copy, kept with a read-only weight (a quarter of the numpy
-engine's float32 copy).
+Which operand layout the GEMM reads is :func:`gemm_layout`'s choice.
 """
 
 from __future__ import annotations
@@ -35,12 +33,42 @@ from ..schemes import ActivationScheme
 from ..tensors import Tensor
 from .cpu_quant import compute_type, dequantize, dynamic_rows, quantize
 
-__all__ = ["TorchEngine", "GRAIN"]
+__all__ = ["TorchEngine", "QUANT_GRAIN", "EPILOGUE_GRAIN", "gemm_layout"]
 
-#: Below this many elements a pass runs in numpy: torch's per-op dispatch then costs more
-#: than numpy's single thread, and torch does not split such a pass across threads anyway
-#: (its parallel grain size).
-GRAIN = 32768
+# Up to these many elements a pass runs in numpy, above them in torch ops. Each torch op
+# on more than 32768 elements wakes torch's thread pool, which after a GEMM has gone to
+# sleep: below these sizes that costs more than numpy's single thread saves (measured
+# right after a GEMM, as in a layer call: benchmarks/cpu_engines.py). The activation
+# pass takes more torch ops than the epilogue, so its crossover is higher.
+#: Activation pass: M * K elements.
+QUANT_GRAIN = 1 << 18
+#: Dequant epilogue: M * C_out elements.
+EPILOGUE_GRAIN = 1 << 17
+
+
+def gemm_layout(m: int, k: int, readonly: bool) -> str:
+    """How step 4 reads the weight for ``m`` rows (timed with torch 2.13 on AVX512-VNNI,
+    K = 4096, N = 4096 and 14336; a pure choice):
+
+    - ``"wnk"``, M = 1: ``q @ W.T``, the weight as stored (oneDNN's GEMV streams its rows,
+      5x faster than from a ``[K, N]`` copy);
+    - ``"wt"``, 8 <= M <= 32, or 2 <= M <= 32 with a writable weight: ``(W @ q.T).T``,
+      the weight as stored in first place: 1.2-1.4x faster than ``[K, N]`` at these M;
+      the accumulator comes transposed, which costs the epilogue more per element as
+      M grows (past M = 32 more than the GEMM gains);
+    - ``"wkn"`` otherwise with a read-only weight: ``q @ W_kn``, a ``[K, N]`` int8 copy
+      kept with the weight (a quarter of the numpy engine's float32 copy); a writable
+      weight's contents may change, so it is read as stored (``"wnk"``) instead of being
+      copied per call. K = 1 always takes the copy (tiny then): the transposed views of
+      a ``[*, 1]`` operand have strides (1, 1), which oneDNN misreads (wrong sums).
+    """
+    if k == 1:
+        return "wkn"
+    if m == 1:
+        return "wnk"
+    if m <= 32 and (m >= 8 or not readonly):
+        return "wt"
+    return "wkn" if readonly else "wnk"
 
 
 class TorchEngine:
@@ -87,15 +115,17 @@ class TorchEngine:
         return self.cached(t, ("torch", ct.name),
                            lambda: self.view(np.ascontiguousarray(t.handle, dtype=ct)))
 
-    def weight(self, t: Tensor, m: int) -> Any:
-        """``weight_q.T`` as the GEMM reads it fastest for ``m`` rows (see the module)."""
+    def gemm(self, t: Tensor, act_q: Any, layout: str) -> Any:
+        """``act_q @ weight_q.T`` in int32 through the ``layout`` :func:`gemm_layout` chose
+        (``"wt"`` gives the accumulator as a transposed view)."""
+        torch = self.torch
         w_nk = self.view_of(t)
-        k = w_nk.shape[1]
-        # With K = 1 the transposed view's strides are (1, 1), which oneDNN misreads (wrong
-        # sums, checked with torch 2.13): a [K, N] copy made with explicit strides is right.
-        if k > 1 and (m == 1 or not t.readonly):
-            return w_nk.t()
-        return self.cached(t, ("torch", "kn"), lambda: self._kn_copy(w_nk))
+        if layout == "wnk":
+            return torch._int_mm(act_q, w_nk.t())
+        if layout == "wt":
+            return torch._int_mm(w_nk, act_q.t()).t()
+        w_kn = self.cached(t, ("torch", "kn"), lambda: self._kn_copy(w_nk))
+        return torch._int_mm(act_q, w_kn)
 
     def _kn_copy(self, w_nk: Any) -> Any:
         n, k = w_nk.shape
@@ -109,11 +139,12 @@ class TorchEngine:
         torch = self.torch
         ct = compute_type(dtype)
         xt = self.view(x)
-        amax = torch.maximum(torch.amax(xt, 1), torch.amin(xt, 1).neg_())
-        amax_c = amax.numpy() if amax.dtype != torch.bfloat16 else \
-            amax.float().numpy()
-        scale, divisor, bad, clip = dynamic_rows(amax_c.astype(ct, copy=False), dtype,
-                                                 q_min, q_max)
+        mx, mn = torch.amax(xt, 1), torch.amin(xt, 1)
+        if xt.dtype == torch.bfloat16:  # numpy has no bf16 of its own: widen (exactly)
+            mx, mn = mx.float(), mn.float()
+        # max(max, -min) on the [M] vectors in numpy: exact in any type, NaN propagating.
+        amax = np.maximum(mx.numpy().astype(ct), -mn.numpy().astype(ct))
+        scale, divisor, bad, clip = dynamic_rows(amax, dtype, q_min, q_max)
         # A dimensioned C divisor promotes an f16 / bf16 x to C before dividing.
         q = torch.div(xt, torch.from_numpy(divisor)[:, None])
         q.round_()
@@ -145,7 +176,7 @@ class TorchEngine:
         act_scale = t.act_scale_scratch.handle
         act_q_all = self.view_of(t.act_q_scratch)
         out_all = self.view_of(t.output)
-        w = self.weight(t.weight_q, desc.m)
+        layout = gemm_layout(desc.m, desc.k, t.weight_q.readonly)
         colsum = None if t.weight_colsum is None else self.view_of(t.weight_colsum)
         for m0 in range(0, desc.m, step):
             rows = slice(None) if step >= desc.m else slice(m0, m0 + step)
@@ -155,12 +186,12 @@ class TorchEngine:
             if desc.k == 0:
                 acc = torch.zeros((act_q.shape[0], desc.c_out), dtype=torch.int32)
             else:
-                acc = torch._int_mm(act_q, w)
+                acc = self.gemm(t.weight_q, act_q, layout)
             if zp is not None:
                 assert t.act_zp_scratch is not None and colsum is not None  # validated
                 t.act_zp_scratch.handle[rows] = zp
                 acc.sub_(torch.outer(torch.from_numpy(zp), colsum))
-            if acc.numel() <= GRAIN:
+            if acc.numel() <= EPILOGUE_GRAIN:
                 dequantize(acc.numpy(), scale, t.weight_scale.handle,
                            None if t.bias is None else t.bias.handle, t.output.handle[rows])
             else:
@@ -172,7 +203,7 @@ class TorchEngine:
                   act_q: Any) -> tuple[np.ndarray, np.ndarray | None]:
         """Steps 1-3 for ``rows`` into ``act_q``: ``(scale, zp)`` as numpy arrays."""
         x = t.activation.handle[rows]
-        if desc.scheme is ActivationScheme.DYNAMIC and x.size > GRAIN:
+        if desc.scheme is ActivationScheme.DYNAMIC and x.size > QUANT_GRAIN:
             return self.quantize_dynamic(x, desc.dtype, desc.q_min, desc.q_max, act_q), None
         q, scale, zp = quantize(x, desc.dtype, desc.q_min, desc.q_max, desc.scheme,
                                 t.input_scale, t.input_zero_point)
@@ -180,7 +211,7 @@ class TorchEngine:
         return scale, zp
 
     def run_quantize(self, desc: Any, t: QuantizeTensors, step: int) -> None:
-        """The activation pass alone (dynamic scheme, more than :data:`GRAIN` elements),
+        """The activation pass alone (dynamic scheme, more than :data:`QUANT_GRAIN` elements),
         ``step`` rows at a time."""
         act_q_all = self.view_of(t.act_q)
         for m0 in range(0, desc.m, step):
