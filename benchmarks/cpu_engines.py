@@ -5,14 +5,15 @@ For each shape four things are timed: a cpu layer call (``layer.forward(x, out=y
 argument checks, activation pass, exact int8 GEMM, dequant + bias) with the oneDNN
 engine and with the numpy engine, torch's W8A8 composition (per-token quant,
 ``torch._int_mm``, dequant + bias; :func:`qlinear.bench.torch_peers`) and
-``numpy.matmul`` in float32. They are interleaved call by call: each step calls every
-one once, in an order shuffled at every step, so that drift on a shared machine, and
-whatever a call leaves behind for the next (numpy's BLAS threads spin for a while after
-a call), hit all of them alike. A ratio is taken per step (baseline time / oneDNN-engine
-time: > 1 means the cpu layer is faster); the figures are medians over the steps, with
-the interquartile range and the extremes as the spread.
+``numpy.matmul`` in float32. They are timed in rounds: each round runs each one for a
+block of calls, in an order shuffled per round, after a pause and an untimed call, so
+that drift on a shared machine hits all of them alike and none pays for the thread
+pool another left spinning. A round's figure is its block's median call; ratios are
+taken per round (baseline / oneDNN engine: > 1 means the cpu layer is faster); the
+table gives the medians over rounds, with the interquartile range as the spread (the
+JSON also the extremes).
 
-    PYTHONPATH=. python benchmarks/cpu_engines.py [--seconds 4] [--json FILE]
+    PYTHONPATH=. python benchmarks/cpu_engines.py [--seconds 8] [--json FILE]
 """
 
 import argparse
@@ -33,23 +34,37 @@ SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (512, 4096, 4096), (512, 384, 1536)
           (1, 4096, 14336), (16, 4096, 14336), (512, 4096, 14336)]
 
 
-def interleaved(runs, seconds, min_steps=15, max_steps=2000):
-    """Per-call times (ms) of every run, one call each per step in a shuffled order: each
-    run follows every other equally often (numpy's BLAS threads keep spinning for a while
-    after a call and slow whatever comes next)."""
+def interleaved(runs, seconds, min_rounds=9):
+    """Per-round median call times (ms) of every run: each round runs each one, in an
+    order shuffled per round, for a block of calls after a pause and an untimed call
+    (numpy's BLAS threads spin for a while after a call, 2**28 cycles by default, and
+    torch's pool too: a run must not pay for the one before it)."""
     names = list(runs)
+    first = {}
+    for name in names:
+        t0 = time.perf_counter()
+        runs[name]()
+        first[name] = time.perf_counter() - t0
+    # Calls per block: about seconds / (rounds * runs) of work, 1 to 200.
+    calls = {name: max(1, min(200, int(seconds / min_rounds / len(names) / t)))
+             for name, t in first.items()}
     times = {name: [] for name in names}
     order = random.Random(0)
     start = time.perf_counter()
-    step = 0
-    while step < max_steps and (step < min_steps or time.perf_counter() - start < seconds):
+    rounds = 0
+    while rounds < min_rounds or time.perf_counter() - start < seconds:
         order.shuffle(names)
         for name in names:
-            t0 = time.perf_counter()
+            time.sleep(0.15)
             runs[name]()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-        step += 1
-    return times
+            block = []
+            for _ in range(calls[name]):
+                t0 = time.perf_counter()
+                runs[name]()
+                block.append((time.perf_counter() - t0) * 1e3)
+            times[name].append(statistics.median(block))
+        rounds += 1
+    return times, calls
 
 
 def torch_threads():
@@ -66,7 +81,8 @@ def spread(values):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=4.0, help="per shape (at least 15 steps)")
+    ap.add_argument("--seconds", type=float, default=8.0,
+                    help="of timed calls per shape (at least 9 rounds)")
     ap.add_argument("--shapes", default="", help="M,K,N;M,K,N... (default: the issue's)")
     ap.add_argument("--json", help="write the rows as JSON")
     args = ap.parse_args()
@@ -77,7 +93,7 @@ def main():
     rng = np.random.default_rng(0)
     rows = []
     print(f"{'M':>4} {'K':>5} {'N':>5} | {'onednn':>8} {'numpy':>8} {'torch':>8} {'np f32':>8} "
-          f"| {'vs torch [IQR]':>17} {'vs np f32 [IQR]':>17}  (ms, medians over steps)")
+          f"| {'vs torch [IQR]':>17} {'vs np f32 [IQR]':>17}  (ms, medians over rounds)")
     for m, k, n in shapes:
         w = rng.standard_normal((n, k)).astype(np.float32)
         bias = rng.standard_normal(n).astype(np.float32)
@@ -97,13 +113,13 @@ def main():
         for fn in runs.values():
             fn()  # warm-up: caches, first-touch, oneDNN's primitive cache
         assert np.array_equal(y, y_np), "the engines differ"
-        times = interleaved(runs, args.seconds)
+        times, calls = interleaved(runs, args.seconds)
         vs = {b: [tb / ta for tb, ta in zip(times[b], times["onednn"])]
               for b in ("torch_w8a8", "numpy_f32", "numpy")}
         row = {"m": m, "k": k, "n": n, "sku": layer.plan(m).sku,
                "sku_numpy": layer_np.plan(m).sku,
                **{f"{name}_ms": spread(v) for name, v in times.items()},
-               **{f"vs_{b}": spread(v) for b, v in vs.items()}}
+               **{f"vs_{b}": spread(v) for b, v in vs.items()}, "calls_per_block": calls}
         rows.append(row)
         med = {name: statistics.median(v) for name, v in times.items()}
         r1, r2 = row["vs_torch_w8a8"], row["vs_numpy_f32"]

@@ -37,11 +37,11 @@ __all__ = ["TorchEngine", "QUANT_GRAIN", "EPILOGUE_GRAIN", "gemm_layout"]
 
 # Up to these many elements a pass runs in numpy, above them in torch ops. Each torch op
 # on more than 32768 elements wakes torch's thread pool, which after a GEMM has gone to
-# sleep: below these sizes that costs more than numpy's single thread saves (measured
-# right after a GEMM, as in a layer call: benchmarks/cpu_engines.py). The activation
-# pass takes more torch ops than the epilogue, so its crossover is higher.
+# sleep: below about 2**17 elements that costs more than numpy's single thread saves
+# (measured right after a GEMM, as in a layer call, on 2 cores; both crossovers lay
+# between 2**16 and 2**18).
 #: Activation pass: M * K elements.
-QUANT_GRAIN = 1 << 18
+QUANT_GRAIN = 1 << 17
 #: Dequant epilogue: M * C_out elements.
 EPILOGUE_GRAIN = 1 << 17
 
