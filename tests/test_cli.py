@@ -259,6 +259,21 @@ def test_time_stats_counts_every_repetition():
     assert one.reps == 1 and one.min == one.median == one.max
 
 
+def test_interleaved_stats_alternate_and_count_every_timed_call():
+    from qlinear.bench import interleaved_stats
+
+    log = []
+    fns = {name: (lambda name=name: log.append(name)) for name in ("a", "b", "c")}
+    stats = interleaved_stats(fns, lambda: None, 0.0, 10, rounds=4, settle=0.0)
+    # One warm-up each, then per round and callable one uncounted call and its block.
+    assert log[:3] == ["a", "b", "c"]
+    blocks = [name for i, name in enumerate(log[3:]) if i == 0 or log[3 + i - 1] != name]
+    assert blocks == ["a", "b", "c"] * 4
+    for name, st in stats.items():
+        assert st.reps == log.count(name) - 1 - 4 and st.reps >= 4
+        assert 0 <= st.min <= st.median <= st.max
+
+
 @pytest.mark.parametrize("kw,name", [({"max_reps": 0}, "max_reps"),
                                      ({"max_reps": 2.0}, "max_reps"),
                                      ({"max_reps": True}, "max_reps"),

@@ -72,8 +72,9 @@ def format_baselines(rows: Sequence[dict[str, Any]]) -> str:
 def format_legend(rows: Sequence[dict[str, Any]]) -> str:
     """What the columns mean, naming the baseline of each ratio column."""
     out = ["time: wall time per repetition after one warm-up, min / median / max over reps "
-           "repetitions taken in 5 alternating rounds with the baselines (qlinear: plan.run + "
-           "synchronize; a baseline: one call, which waits)",
+           "repetitions taken in 5 alternating rounds with the baselines, each block after a "
+           "0.1 s pause and an uncounted call (qlinear: plan.run + synchronize; a baseline: "
+           "one call, which waits)",
            "TOPS: 2*M*K*N / median time",
            RATIO_RULE]
     for name in _baseline_names(rows):

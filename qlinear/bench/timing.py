@@ -45,11 +45,15 @@ def time_stats(fn: Callable[[], object], sync: Callable[[], object], min_seconds
 
 
 def interleaved_stats(fns: Mapping[str, Callable[[], object]], sync: Callable[[], object],
-                      min_seconds: float, max_reps: int, rounds: int = 5) -> dict[str, TimeStats]:
+                      min_seconds: float, max_reps: int, rounds: int = 5,
+                      settle: float = 0.1) -> dict[str, TimeStats]:
     """Wall times of several callables (``fn(); sync()`` each) taken in alternating rounds,
     so that drift on a shared machine hits all of them alike: after one uncounted warm-up
     each, every round runs each callable for its share of ``min_seconds`` (at least once,
-    at most ``max_reps`` calls over all rounds). The spread is over the single calls."""
+    at most ``max_reps`` calls over all rounds), each block after a pause of ``settle``
+    seconds and one uncounted call: thread pools left spinning by the callable before
+    (numpy's BLAS spins about 0.1 s after a call) must not be charged to the next. The
+    spread is over the single calls."""
     warm: dict[str, float] = {}
     for name, fn in fns.items():
         t0 = time.perf_counter()
@@ -63,6 +67,10 @@ def interleaved_stats(fns: Mapping[str, Callable[[], object]], sync: Callable[[]
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            if len(fns) > 1:
+                time.sleep(settle)
+                fn()
+                sync()
             for _ in range(per_round[name]):
                 t0 = time.perf_counter()
                 fn()
