@@ -360,7 +360,8 @@ class CpuBackend(Backend):
             pass
         choice = self.engine
         if choice.engine == "onednn":
-            method = "rowquant + oneDNN s8 x s8 -> s32 GEMM (torch._int_mm) + dequant, in torch ops"
+            method = ("rowquant + oneDNN s8 x s8 -> s32 GEMM (torch._int_mm) + dequant; the passes "
+                      "in torch ops above 2**17 elements, in numpy below")
         else:
             method = ("rowquant + float32 BLAS over K-chunks of <= 2**24 // (max|q| * 128) "
                       "columns (1032 for -127..127) + dequant")
