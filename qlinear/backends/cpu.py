@@ -10,11 +10,13 @@ The five steps of the numerical contract, for ``x[M, K]`` of TIn:
 4. ``acc[m, n] = sum_k q[m, k] * weight_q[n, k]``, exact;
 5. ``y[m, n] = ((C(acc) * C(scale[m])) * C(weight_scale[n])) (+ C(bias[n]))``, rounded once to TIn.
 
-Step 4 runs on float32 BLAS over K-chunks of at most ``_chunk(...)`` columns: every
-product is an integer of magnitude <= 128*128 and every partial sum of a chunk stays
-an integer of magnitude <= 2**24, so float32 holds it exactly in any summation order;
-the chunks are summed exactly in float64. M is processed in blocks so that the
-temporaries stay bounded.
+On the numpy engine step 4 runs on float32 BLAS over K-chunks of at most
+``_chunk(...)`` columns: every product is an integer of magnitude <= 128*128 and every
+partial sum of a chunk stays an integer of magnitude <= 2**24, so float32 holds it
+exactly in any summation order; the chunks are summed exactly in float64. M is
+processed in blocks so that the temporaries stay bounded. Where oneDNN's exact int8
+GEMM can run (:mod:`~qlinear.backends.cpu_engine` decides), the oneDNN engine
+(:mod:`~qlinear.backends.cpu_torch`) runs the same steps to the same bits.
 """
 
 from __future__ import annotations
