@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import qlinear as ql
-from qlinear.backends import cpu, cpu_engine
+from qlinear.backends import cpu, cpu_engine, cpu_torch
 from qlinear.backends.cpu_engine import EngineChoice, HostFacts, ProbeResult, choose_engine
 from qlinear.backends.cpu_torch import EPILOGUE_GRAIN, QUANT_GRAIN
 from qltest import (
@@ -166,10 +166,13 @@ def _onednn_or_skip():
 def test_sku_and_info_name_the_engine():
     be = _onednn_or_skip()
     sel = ql.QuantizedLinearPlan.select
-    for m, k, layout in ((1, 8, "wnk"), (2, 8, "wkn"), (8, 8, "wt"), (32, 8, "wt"),
-                         (33, 8, "wkn"), (1, 1, "wkn"), (16, 1, "wkn")):
-        sku = sel(be, ql.QuantizedLinearDescriptor(m, 16, k, ql.f32)).sku
-        assert f"+onednn_s8_{layout}+" in sku, (m, k, sku)
+    for m, k, n, layout in ((1, 8, 16, "wnk"), (2, 4096, 1024, "wkn"), (8, 4096, 1024, "wt"),
+                            (32, 4096, 1024, "wt"), (16, 384, 1536, "wkn"),
+                            (33, 4096, 1024, "wkn"), (1, 1, 16, "wkn"), (16, 1, 16, "wkn")):
+        sku = sel(be, ql.QuantizedLinearDescriptor(m, n, k, ql.f32)).sku
+        assert f"+onednn_s8_{layout}+" in sku, (m, k, n, sku)
+    assert cpu_torch.gemm_layout(16, 384, 1536, readonly=False) == "wt"  # never a copy
+    assert cpu_torch.gemm_layout(40, 384, 1536, readonly=False) == "wnk"
     info = be.info()
     assert info["engine"] == "onednn" and "torch._int_mm" in info["engine_why"]
     with be.configured(engine="numpy"):
@@ -253,8 +256,9 @@ def _run(be, engine, desc, x, wq, ws, bias, extra, readonly, rng):
 
 
 # Every operand layout of cpu_torch.gemm_layout, with a read-only and a writable weight:
-# M = 1 "wnk"; M = 5 "wkn" (writable: "wt"); M = 9 and 16 "wt"; M = 40 "wkn" (writable:
-# "wnk"); K = 1 "wkn".
+# M = 1 "wnk"; M = 5, 9 and 16 "wkn" (writable: "wt"; these weights are small); M = 40
+# "wkn" (writable: "wnk"); K = 1 "wkn". The "wt" of big weights at M = 8..32 is
+# test_the_wt_layout_of_big_weights.
 SHAPES = {"decode": (1, 300, 70), "small": (5, 64, 40), "k1": (6, 1, 9),
           "torch-ops": (9, 70, 33), "batch": (16, 130, 50), "rows-only": (40, 90, 20)}
 
@@ -355,6 +359,25 @@ def test_a_problem_above_the_real_grains(dtype, rng):
     desc = ql.QuantizedLinearDescriptor(m=m, c_out=n, k=k, dtype=dtype)
     sku, a = _run(be, "onednn", desc, x, wq, ws, bias, {}, True, rng)
     want_y, want_q, want_s, _ = oracle_linear_scheme(x, wq, ws, bias, dtype, "dynamic",
+                                                     q_max=127)
+    assert_bitwise_equal(a.act_scale_scratch, want_s, f"act_scale_scratch [{sku}]")
+    assert_bitwise_equal(a.act_q_scratch.astype(np.int64), want_q, f"act_q_scratch [{sku}]")
+    assert_bitwise_equal(a.output, want_y, f"output [{sku}]")
+
+
+@pytest.mark.parametrize("m", [8, 32])
+def test_the_wt_layout_of_big_weights(m, rng):
+    """M = 8..32 on a weight of 4 MiB reads it first (W @ q.T); the epilogue then reads a
+    transposed accumulator, in torch ops at any size."""
+    be = _onednn_or_skip()
+    k, n = 4096, 1024
+    x = _special_rows(random_activation(rng, m, k, ql.f16), rng, ql.f16)
+    wq, ws = random_weight(rng, n, k), random_scale(rng, n, ql.f16)
+    bias = random_scale(rng, n, ql.f16)
+    desc = ql.QuantizedLinearDescriptor(m=m, c_out=n, k=k, dtype=ql.f16)
+    sku, a = _run(be, "onednn", desc, x, wq, ws, bias, {}, True, rng)
+    assert "+onednn_s8_wt+" in sku
+    want_y, want_q, want_s, _ = oracle_linear_scheme(x, wq, ws, bias, ql.f16, "dynamic",
                                                      q_max=127)
     assert_bitwise_equal(a.act_scale_scratch, want_s, f"act_scale_scratch [{sku}]")
     assert_bitwise_equal(a.act_q_scratch.astype(np.int64), want_q, f"act_q_scratch [{sku}]")

@@ -150,7 +150,7 @@ class _LinearExecutable(Executable):
         gemm = f"blas_{'f64' if ct == np.float64 else 'f32'}_kchunk{self.chunk}"
         if torch is not None:
             # How the GEMM reads the weight (cpu_torch.gemm_layout; a read-only one's).
-            gemm = f"onednn_s8_{gemm_layout(desc.m, desc.k, True)}"
+            gemm = f"onednn_s8_{gemm_layout(desc.m, desc.k, desc.c_out, True)}"
             self.precision_guarantee = PrecisionGuarantee(
                 note="the reference: exact division, round half to even, exact int32 via "
                      "oneDNN's s8 GEMM (probed at first use)")

@@ -46,16 +46,17 @@ QUANT_GRAIN = 1 << 17
 EPILOGUE_GRAIN = 1 << 17
 
 
-def gemm_layout(m: int, k: int, readonly: bool) -> str:
+def gemm_layout(m: int, k: int, n: int, readonly: bool) -> str:
     """How step 4 reads the weight for ``m`` rows (timed with torch 2.13 on AVX512-VNNI,
     K = 4096, N = 4096 and 14336; a pure choice):
 
     - ``"wnk"``, M = 1: ``q @ W.T``, the weight as stored (oneDNN's GEMV streams its rows,
       5x faster than from a ``[K, N]`` copy);
-    - ``"wt"``, 8 <= M <= 32, or 2 <= M <= 32 with a writable weight: ``(W @ q.T).T``,
-      the weight as stored in first place: 1.2-1.4x faster than ``[K, N]`` at these M;
-      the accumulator comes transposed, which costs the epilogue more per element as
-      M grows (past M = 32 more than the GEMM gains);
+    - ``"wt"``, 8 <= M <= 32 with a weight of 4 MiB or more, or 2 <= M <= 32 with a
+      writable weight: ``(W @ q.T).T``, the weight as stored in first place: 1.2-1.4x
+      faster than ``[K, N]`` at these M where the weight streams from memory (no faster
+      on small weights); the accumulator comes transposed, which costs the epilogue
+      more per element as M grows (past M = 32 more than the GEMM gains);
     - ``"wkn"`` otherwise with a read-only weight: ``q @ W_kn``, a ``[K, N]`` int8 copy
       kept with the weight (a quarter of the numpy engine's float32 copy); a writable
       weight's contents may change, so it is read as stored (``"wnk"``) instead of being
@@ -66,7 +67,7 @@ def gemm_layout(m: int, k: int, readonly: bool) -> str:
         return "wkn"
     if m == 1:
         return "wnk"
-    if m <= 32 and (m >= 8 or not readonly):
+    if m <= 32 and ((m >= 8 and n * k >= 1 << 22) or not readonly):
         return "wt"
     return "wkn" if readonly else "wnk"
 
@@ -176,7 +177,7 @@ class TorchEngine:
         act_scale = t.act_scale_scratch.handle
         act_q_all = self.view_of(t.act_q_scratch)
         out_all = self.view_of(t.output)
-        layout = gemm_layout(desc.m, desc.k, t.weight_q.readonly)
+        layout = gemm_layout(desc.m, desc.k, desc.c_out, t.weight_q.readonly)
         colsum = None if t.weight_colsum is None else self.view_of(t.weight_colsum)
         for m0 in range(0, desc.m, step):
             rows = slice(None) if step >= desc.m else slice(m0, m0 + step)
@@ -191,7 +192,8 @@ class TorchEngine:
                 assert t.act_zp_scratch is not None and colsum is not None  # validated
                 t.act_zp_scratch.handle[rows] = zp
                 acc.sub_(torch.outer(torch.from_numpy(zp), colsum))
-            if acc.numel() <= EPILOGUE_GRAIN:
+            # A transposed accumulator ("wt") is read best by torch's strided loops.
+            if acc.numel() <= EPILOGUE_GRAIN and layout != "wt":
                 dequantize(acc.numpy(), scale, t.weight_scale.handle,
                            None if t.bias is None else t.bias.handle, t.output.handle[rows])
             else:
