@@ -31,7 +31,8 @@ from qlinear.bench import run_meta
 from qlinear.bench.peers import TORCH_W8A8, torch_peers
 
 SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (512, 4096, 4096), (512, 384, 1536),
-          (1, 4096, 14336), (16, 4096, 14336), (512, 4096, 14336)]
+          (1, 4096, 14336), (16, 4096, 14336), (512, 4096, 14336),
+          (1, 384, 1536), (16, 384, 1536)]
 
 
 def interleaved(runs, seconds, min_rounds=9):
