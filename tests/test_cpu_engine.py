@@ -382,3 +382,23 @@ def test_the_wt_layout_of_big_weights(m, rng):
     assert_bitwise_equal(a.act_scale_scratch, want_s, f"act_scale_scratch [{sku}]")
     assert_bitwise_equal(a.act_q_scratch.astype(np.int64), want_q, f"act_q_scratch [{sku}]")
     assert_bitwise_equal(a.output, want_y, f"output [{sku}]")
+
+
+def test_read_only_arrays_raise_no_warning():
+    """torch warns when it views a read-only array; the engine never writes through such a
+    view, so the warning is not the caller's (a fresh process: torch warns once)."""
+    _onednn_or_skip()
+    code = ("import numpy as np, qlinear as ql\n"
+            "x = np.random.rand(300, 600).astype(np.float32)\n"
+            "x.flags.writeable = False\n"
+            "w = np.random.rand(64, 600).astype(np.float32)\n"
+            "w.flags.writeable = False\n"
+            "layer = ql.QuantizedLinear.from_float(w, backend='cpu')\n"
+            "for _ in range(2):\n"
+            "    layer.forward(x, out=np.empty((300, 64), np.float32))\n"
+            "print(layer.plan(300).sku)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    env.pop(cpu_engine.ENGINE_SETTING, None)
+    out = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], env=env,
+                         timeout=120, capture_output=True, text=True)
+    assert out.returncode == 0 and "onednn" in out.stdout, out.stderr

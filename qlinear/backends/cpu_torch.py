@@ -6,8 +6,9 @@ The engine runs on the caller's numpy memory through zero-copy torch views
 1. ``amax[m]``: ``torch.amax`` and ``torch.amin`` per row, then ``max(max, -min)`` in C
    on the [M] vectors (exact in any type, NaN propagating);
 2. the per-row rule (scale, divisor, rows that quantize to 0, whether to clamp) is
-   :func:`~qlinear.backends.cpu_quant.dynamic_rows`, the numpy engine's own; the static
-   and asymmetric schemes run the numpy engine's activation pass whole;
+   :func:`~qlinear.backends.cpu_quant.dynamic_rows`, the numpy engine's own (problems of
+   up to :data:`QUANT_GRAIN` elements, and the static and asymmetric schemes, run the
+   numpy engine's activation pass whole);
 3. ``q = rint(x / divisor)`` (one correctly rounded C division, round half to even),
    clamped where the rule says so, written into the caller's int8 scratch;
 4. ``acc = q @ weight_q.T`` by ``torch._int_mm``, oneDNN's s8 x s8 -> s32 GEMM: exact on
@@ -51,7 +52,7 @@ def gemm_layout(m: int, k: int, n: int, readonly: bool) -> str:
     K = 4096, N = 4096 and 14336; a pure choice):
 
     - ``"wnk"``, M = 1: ``q @ W.T``, the weight as stored (oneDNN's GEMV streams its rows,
-      5x faster than from a ``[K, N]`` copy);
+      3-7x faster than from a ``[K, N]`` copy);
     - ``"wt"``, 8 <= M <= 32 with a weight of 4 MiB or more, or 2 <= M <= 32 with a
       writable weight: ``(W @ q.T).T``, the weight as stored in first place: 1.2-1.4x
       faster than ``[K, N]`` at these M where the weight streams from memory (no faster
@@ -77,15 +78,19 @@ class TorchEngine:
 
     def __init__(self, torch: Any):
         self.torch = torch
+        self._quiet = False  # torch has had its one warning about read-only arrays
 
     # -- views -------------------------------------------------------------------------
     def view(self, arr: np.ndarray) -> Any:
         """A torch tensor sharing ``arr``'s memory (bf16 through its int16 bits)."""
-        if not arr.flags.writeable:
-            # torch warns that it cannot mark the view read-only; nothing writes through it.
+        if not arr.flags.writeable and not self._quiet:
+            # torch warns, once per process, that it cannot mark the view read-only;
+            # nothing writes through it. After that one there is nothing to silence.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                return self._view(arr)
+                view = self._view(arr)
+            self._quiet = True
+            return view
         return self._view(arr)
 
     def _view(self, arr: np.ndarray) -> Any:
@@ -113,7 +118,7 @@ class TorchEngine:
 
     def as_compute(self, t: Tensor, ct: np.dtype) -> Any:
         """A per-channel vector (weight scale, bias) as C, in torch."""
-        return self.cached(t, ("torch", ct.name),
+        return self.cached(t, ("torch", ct),
                            lambda: self.view(np.ascontiguousarray(t.handle, dtype=ct)))
 
     def gemm(self, t: Tensor, act_q: Any, layout: str) -> Any:
