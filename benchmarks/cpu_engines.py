@@ -84,7 +84,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=8.0,
                     help="of timed calls per shape (at least 9 rounds)")
-    ap.add_argument("--shapes", default="", help="M,K,N;M,K,N... (default: the issue's)")
+    ap.add_argument("--shapes", default="", help="M,K,N;M,K,N... (default: SHAPES)")
     ap.add_argument("--json", help="write the rows as JSON")
     args = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";") if s] or SHAPES
