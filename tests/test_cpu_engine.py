@@ -408,3 +408,35 @@ def test_read_only_arrays_raise_no_warning():
             "print(layer.plan(300).sku)\n")
     out = _fresh_python(code, "-W", "error::UserWarning")
     assert out.returncode == 0 and "onednn" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("scheme", [ql.ActivationScheme.DYNAMIC, ql.ActivationScheme.DYNAMIC_ASYM],
+                         ids=["dynamic", "dynamic_asym"])
+@pytest.mark.parametrize("m", [10, 40])
+def test_row_blocks(monkeypatch, rng, scheme, m):
+    """Problems too big for one block of temporaries run a few rows at a time, on either
+    engine, with the torch-op passes (lowered grains) and without."""
+    be = _onednn_or_skip()
+    from qlinear.backends import cpu_torch
+
+    k, n = 50, 30
+    monkeypatch.setattr(cpu, "_BLOCK_BYTES", 8 * (k + n) * 3)  # 3 rows per block
+    x = _special_rows((shifted_activation if scheme.asymmetric else random_activation)(
+        rng, m, k, ql.f32), rng, ql.f32)
+    wq, ws = random_weight(rng, n, k), random_scale(rng, n, ql.f32)
+    extra = {"weight_colsum": be.from_numpy(ql.weight_colsum(wq))} if scheme.asymmetric else {}
+    desc = ql.QuantizedLinearDescriptor(m=m, c_out=n, k=k, dtype=ql.f32, scheme=scheme)
+    want_y, want_q, want_s, want_zp = oracle_linear_scheme(x, wq, ws, None, ql.f32, scheme,
+                                                           q_max=127)
+    for grain in (None, 16):
+        if grain:
+            for mod in (cpu, cpu_torch):
+                monkeypatch.setattr(mod, "QUANT_GRAIN", grain, raising=False)
+            monkeypatch.setattr(cpu_torch, "EPILOGUE_GRAIN", grain)
+        for engine in ("numpy", "onednn"):
+            sku, a = _run(be, engine, desc, x, wq, ws, None, extra, True, rng)
+            assert_bitwise_equal(a.output, want_y, f"output [{sku}, grain {grain}]")
+            assert_bitwise_equal(a.act_q_scratch.astype(np.int64), want_q, f"act_q [{sku}]")
+            assert_bitwise_equal(a.act_scale_scratch, want_s, f"act_scale [{sku}]")
+            if scheme.asymmetric:
+                assert_bitwise_equal(a.act_zp_scratch.astype(np.int64), want_zp, f"zp [{sku}]")
