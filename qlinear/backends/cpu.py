@@ -54,7 +54,7 @@ from .cpu_engine import (
     torch_isa,
 )
 from .cpu_quant import compute_type, dequantize, quantize, quantize_rows
-from .cpu_torch import QUANT_GRAIN, TorchEngine, gemm_layout
+from .cpu_torch import TorchEngine, gemm_layout, torch_pass
 
 __all__ = ["CpuBackend", "create", "quantize_rows", "int_matmul", "dequantize",
            "subtract_zero_points"]
@@ -112,19 +112,17 @@ class _QuantizeExecutable(Executable):
 
     def __init__(self, desc: DynamicRangeQuantizeDescriptor, torch: TorchEngine | None):
         self.desc = desc
-        # The torch ops run the dynamic pass only; the other schemes stay in numpy.
-        self.torch = torch if desc.scheme is ActivationScheme.DYNAMIC and \
-            desc.m * desc.k > QUANT_GRAIN else None
+        self.torch = torch if torch_pass(desc.scheme, desc.m * desc.k) else None
         self.sku = f"cpu.rowquant{_scheme_tag(desc.scheme)}" + ("_torch" if self.torch else "")
 
     def run(self, t: QuantizeTensors, stream: Any = None) -> None:
         d = self.desc
-        x, act_q, act_scale = t.activation.handle, t.act_q.handle, t.act_scale.handle
         step = _block_rows(d.m, d.k, 0)
         if self.torch is not None:
             with np.errstate(invalid="ignore"):
                 self.torch.run_quantize(d, t, step)
             return
+        x, act_q, act_scale = t.activation.handle, t.act_q.handle, t.act_scale.handle
         with np.errstate(invalid="ignore"):
             for m0 in range(0, d.m, step):
                 rows = slice(m0, m0 + step)

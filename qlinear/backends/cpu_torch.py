@@ -34,7 +34,7 @@ from ..schemes import ActivationScheme
 from ..tensors import Tensor
 from .cpu_quant import compute_type, dequantize, dynamic_rows, quantize
 
-__all__ = ["TorchEngine", "QUANT_GRAIN", "EPILOGUE_GRAIN", "gemm_layout"]
+__all__ = ["TorchEngine", "QUANT_GRAIN", "EPILOGUE_GRAIN", "gemm_layout", "torch_pass"]
 
 # Up to these many elements a pass runs in numpy, above them in torch ops. Each torch op
 # on more than 32768 elements wakes torch's thread pool, which after a GEMM has gone to
@@ -45,6 +45,12 @@ __all__ = ["TorchEngine", "QUANT_GRAIN", "EPILOGUE_GRAIN", "gemm_layout"]
 QUANT_GRAIN = 1 << 17
 #: Dequant epilogue: M * C_out elements.
 EPILOGUE_GRAIN = 1 << 17
+
+
+def torch_pass(scheme: ActivationScheme, elements: int) -> bool:
+    """Whether the activation pass over ``elements`` runs in torch ops: the dynamic scheme
+    above :data:`QUANT_GRAIN` (the other schemes run the numpy engine's pass whole)."""
+    return scheme is ActivationScheme.DYNAMIC and elements > QUANT_GRAIN
 
 
 def gemm_layout(m: int, k: int, n: int, readonly: bool) -> str:
@@ -210,7 +216,7 @@ class TorchEngine:
                   act_q: Any) -> tuple[np.ndarray, np.ndarray | None]:
         """Steps 1-3 for ``rows`` into ``act_q``: ``(scale, zp)`` as numpy arrays."""
         x = t.activation.handle[rows]
-        if desc.scheme is ActivationScheme.DYNAMIC and x.size > QUANT_GRAIN:
+        if torch_pass(desc.scheme, x.size):
             return self.quantize_dynamic(x, desc.dtype, desc.q_min, desc.q_max, act_q), None
         q, scale, zp = quantize(x, desc.dtype, desc.q_min, desc.q_max, desc.scheme,
                                 t.input_scale, t.input_zero_point)
